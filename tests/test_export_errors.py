@@ -1,0 +1,73 @@
+"""Exporter refusals and the no-half-written-output guarantee."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_export.errors import ExportError, UnsupportedModelError
+
+pytest.importorskip("torch")
+
+
+def _fake_model(folder, model_type="bert"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_unsupported_model_type_is_named(tmp_path, capsys):
+    from vlm_export.exporter.cli import main
+
+    model = _fake_model(tmp_path / "m")
+    assert main(["--model", str(model), "--output", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "model_type 'bert' is not supported" in err and "qwen2_5_vl" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_and_weights(tmp_path):
+    from vlm_export.exporter.export import export_model
+
+    with pytest.raises(ExportError, match="no such folder"):
+        export_model(str(tmp_path / "missing"), tmp_path / "out", progress=False)
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ExportError, match="safetensors"):
+        export_model(str(folder), tmp_path / "out", progress=False)
+    with pytest.raises(UnsupportedModelError):
+        export_model(str(_fake_model(tmp_path / "llama", "llama")), tmp_path / "out", progress=False)
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_qwen2_5_vl_dir):
+    from vlm_export.exporter.export import export_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(str(tiny_qwen2_5_vl_dir), out, progress=False)
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, tiny_qwen2_5_vl_dir, monkeypatch):
+    """A Ctrl-C in the middle of the export removes the staging folder and writes no output."""
+    import vlm_export.exporter.export as export_module
+
+    real_export = export_module.export_graph
+    calls = []
+
+    def interrupt_on_second_graph(spec, folder):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_export(spec, folder)
+
+    monkeypatch.setattr(export_module, "export_graph", interrupt_on_second_graph)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        export_module.export_model(str(tiny_qwen2_5_vl_dir), out, progress=False)
+    assert calls == ["vision_encoder", "embedding"]
+    assert list(tmp_path.iterdir()) == [], "staging or output folder left behind"

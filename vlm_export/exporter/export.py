@@ -1,0 +1,171 @@
+"""Export a model folder/hub id to an output folder: graphs, verification, assets, manifest.
+
+Everything is written into a hidden temporary folder beside the output and moved into place only when the
+export is complete and verified, so an interrupted export never leaves a folder that looks usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import vlm_export
+from vlm_export.errors import ExportError
+from vlm_export.exporter.assets import copy_assets, find_image_processor_config
+from vlm_export.exporter.model_source import read_model_type, resolve_model_dir
+from vlm_export.exporter.onnx_export import OPSET, export_graph
+from vlm_export.exporter.verify import verify_graph
+from vlm_export.graphs.registry import graph_family_for
+from vlm_export.manifest import Limits, Manifest
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TESTED_TRANSFORMERS = ("5.24.",)
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    manifest: Manifest
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "vlm_export": vlm_export.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": str(OPSET),
+    }
+
+
+def _check_transformers(allow_untested: bool) -> None:
+    import transformers
+
+    if not transformers.__version__.startswith(TESTED_TRANSFORMERS):
+        message = (
+            f"transformers {transformers.__version__} is not the version vlm-export's parity tests prove "
+            f"({', '.join(v + 'x' for v in TESTED_TRANSFORMERS)})"
+        )
+        if not allow_untested:
+            raise ExportError(message + "; install transformers==5.24.* or pass --allow-untested-transformers")
+        logger.warning("%s; continuing because --allow-untested-transformers was given", message)
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists; choose another --output or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700
+    if output.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, trash / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def export_model(
+    model: str,
+    output: str | Path,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_batch: int | None = None,
+    max_seq_len: int | None = None,
+    max_image_pixels: int | None = None,
+    revision: str | None = None,
+    allow_untested_transformers: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """Export `model` (folder or hub id) into `output`; returns the manifest written there."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    for flag, value in (
+        ("--max-batch", max_batch),
+        ("--max-seq-len", max_seq_len),
+        ("--max-image-pixels", max_image_pixels),
+    ):
+        if value is not None and value < 1:
+            raise ExportError(f"{flag} must be a positive integer, got {value}")
+    _check_transformers(allow_untested_transformers)
+    output = Path(output).expanduser().resolve()
+    model_dir = resolve_model_dir(model, revision)
+    family = graph_family_for(read_model_type(model_dir))
+    image_processor = find_image_processor_config(model_dir)
+    staging = _prepare_output(output, overwrite)
+    seconds: dict[str, float] = {}
+    try:
+        steps = tqdm(total=8, desc="export", unit="step", disable=not progress, leave=False)
+        steps.set_postfix_str(f"loading {model_dir.name}")
+        start = time.perf_counter()
+        torch_model = family.load_model(model_dir, DTYPES[dtype])
+        seconds["load"] = time.perf_counter() - start
+        steps.update()
+        graphs = {}
+        for spec in family.graph_specs(torch_model, DTYPES[dtype]):
+            steps.set_postfix_str(f"exporting {spec.name}")
+            start = time.perf_counter()
+            info = export_graph(spec, staging)
+            seconds[f"export {spec.name}"] = time.perf_counter() - start
+            steps.update()
+            steps.set_postfix_str(f"verifying {spec.name}")
+            start = time.perf_counter()
+            info.max_abs_diff = verify_graph(spec, staging / info.file)
+            seconds[f"verify {spec.name}"] = time.perf_counter() - start
+            logger.info("%s: max abs diff vs transformers %.3g", spec.name, info.max_abs_diff)
+            graphs[spec.name] = info
+            steps.update()
+        steps.set_postfix_str("writing assets")
+        generation_config = torch_model.generation_config.to_diff_dict()
+        files = copy_assets(model_dir, staging, generation_config)
+        section = family.manifest_section(torch_model, image_processor)
+        text = section["text"]
+        limits = Limits(
+            max_batch=max_batch,
+            max_seq_len=max_seq_len or text.get("max_position_embeddings"),
+            max_image_pixels=max_image_pixels or section["preprocessing"].get("max_pixels"),
+        )
+        manifest = Manifest(
+            family=family.name,
+            dtype=dtype,
+            graphs=graphs,
+            tokens=section["tokens"],
+            text=text,
+            vision=section["vision"],
+            preprocessing=section["preprocessing"],
+            files=files,
+            limits=limits,
+            producer=_versions(),
+            source_model=model,
+        )
+        manifest.save(staging)
+        steps.update()
+        steps.close()
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(output=output, manifest=manifest, seconds=seconds)

@@ -1,0 +1,99 @@
+"""Trace one `GraphSpec` to an ONNX file with torch's dynamo exporter and describe its IO for the manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from vlm_export.errors import ExportError
+from vlm_export.graphs.registry import GraphSpec
+from vlm_export.manifest import GraphInfo, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+OPSET = 23
+# Protobuf cannot hold more than 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+_ONNX_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _describe(values: list[onnx.ValueInfoProto], axes: dict[str, dict[int, str]]) -> list[TensorInfo]:
+    infos = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = []
+        for index, dim in enumerate(tensor_type.shape.dim):
+            named = axes.get(value.name, {}).get(index)
+            if named is not None:
+                shape.append(named)
+            elif dim.HasField("dim_value"):
+                shape.append(int(dim.dim_value))
+            else:
+                shape.append(dim.dim_param or f"dim{index}")
+        dtype = _ONNX_TYPES.get(tensor_type.elem_type, onnx.TensorProto.DataType.Name(tensor_type.elem_type))
+        infos.append(TensorInfo(name=value.name, dtype=dtype, shape=shape))
+    return infos
+
+
+def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
+    """Export `spec` to `folder/<name>.onnx` (weights external above ~2 GB) and return its IO description."""
+    path = folder / f"{spec.name}.onnx"
+    external = _parameter_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
+    captured = io.StringIO()
+    try:
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(captured),
+            contextlib.redirect_stderr(captured),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                spec.module,
+                spec.example_args,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_shapes=spec.dynamic_shapes,
+                verbose=False,
+            )
+            program.save(path, external_data=external)
+    except Exception as error:
+        logger.debug("exporter output:\n%s", captured.getvalue())
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f"exporting the {spec.name} graph failed: {first}") from error
+    logger.debug("exporter output for %s:\n%s", spec.name, captured.getvalue())
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = _describe(list(model.graph.input), spec.input_axes)
+    outputs = _describe(list(model.graph.output), spec.output_axes)
+    if [t.name for t in inputs] != spec.input_names or [t.name for t in outputs] != spec.output_names:
+        raise ExportError(
+            f"the exported {spec.name} graph has IO {[t.name for t in inputs]} -> {[t.name for t in outputs]}, "
+            f"expected {spec.input_names} -> {spec.output_names} (an input was folded away by the exporter)"
+        )
+    return GraphInfo(file=path.name, inputs=inputs, outputs=outputs)

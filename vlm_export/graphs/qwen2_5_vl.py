@@ -1,0 +1,333 @@
+"""Qwen2.5-VL: vision encoder, embedding merge and decoder graphs.
+
+The vision forward is transformers' `Qwen2_5_VisionTransformerPretrainedModel.forward` with every grid-
+dependent tensor fed in (computed on the host by `runtime.families.qwen2_vl.vision_inputs`) and the per-segment
+Python loop of its attention replaced by `graphs.attention.segment_attention`. Verification compares each graph
+with transformers' own forward on inputs of other shapes than the traced example.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export import Dim
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+from vlm_export.graphs.attention import segment_attention
+from vlm_export.graphs.decoder import DecoderWithCache, decoder_io_names
+from vlm_export.graphs.embedding import EmbeddingMerge
+from vlm_export.graphs.registry import GraphSpec, register_graph_family
+from vlm_export.runtime.families.qwen2_vl.family import qwen2_5_vl_vision_feeds
+from vlm_export.runtime.families.qwen2_vl.preprocess import Qwen2VLImageConfig
+
+VISION_INPUTS = [
+    "pixel_values",
+    "position_ids",
+    "window_index",
+    "reverse_window_index",
+    "full_segment_index",
+    "full_row_position",
+    "window_segment_index",
+    "window_row_position",
+]
+
+
+class Qwen2_5_VisionEncoder(nn.Module):
+    """Patches + host-computed layout -> merged visual embeddings [N/merge^2, out_hidden]."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.full_layers = set(visual.config.fullatt_block_indexes)
+        self.merge_unit = visual.spatial_merge_unit
+
+    def _window_order(self, rows: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        grouped = rows.reshape(-1, self.merge_unit, rows.shape[-1])
+        return grouped.index_select(0, window_index).reshape(rows.shape)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor,
+        window_index: torch.Tensor,
+        reverse_window_index: torch.Tensor,
+        full_segment_index: torch.Tensor,
+        full_row_position: torch.Tensor,
+        window_segment_index: torch.Tensor,
+        window_row_position: torch.Tensor,
+    ) -> torch.Tensor:
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)
+        hidden = self._window_order(hidden, window_index)
+        cos, sin = visual.rotary_pos_emb(hidden, position_ids)
+        cos = self._window_order(cos, window_index)
+        sin = self._window_order(sin, window_index)
+        num_rows = hidden.shape[0]
+        for index, block in enumerate(visual.blocks):
+            if index in self.full_layers:
+                segments, positions = full_segment_index, full_row_position
+            else:
+                segments, positions = window_segment_index, window_row_position
+            attn = block.attn
+            qkv = attn.qkv(block.norm1(hidden)).reshape(num_rows, 3, attn.num_heads, -1)
+            query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)
+            query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+            out = segment_attention(query, key, value, segments, positions, attn.scaling)
+            hidden = hidden + attn.proj(out.reshape(num_rows, -1))
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merged = visual.merger(hidden)
+        return merged.index_select(0, reverse_window_index)
+
+
+def vision_feeds(grid_thw: np.ndarray, vision_config: Any) -> dict[str, np.ndarray]:
+    """Host-side vision inputs, computed by the runtime's own code so export and runtime cannot drift."""
+    return qwen2_5_vl_vision_feeds(
+        grid_thw,
+        merge_size=vision_config.spatial_merge_size,
+        window_size=vision_config.window_size,
+        patch_size=vision_config.patch_size,
+    )
+
+
+def _patch_dim(vision_config: Any) -> int:
+    vc = vision_config
+    return vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
+
+
+def _vision_inputs(grids: list[list[int]], vision_config: Any, dtype: torch.dtype, seed: int):
+    grid_thw = np.asarray(grids, dtype=np.int64)
+    num_patches = int(grid_thw.prod(axis=1).sum())
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(num_patches, _patch_dim(vision_config), generator=generator).to(dtype)
+    feeds = {"pixel_values": pixels}
+    feeds.update({k: torch.from_numpy(v) for k, v in vision_feeds(grid_thw, vision_config).items()})
+    return feeds, torch.from_numpy(grid_thw)
+
+
+class Qwen2_5_VLGraphs:
+    """Graph family for `qwen2_5_vl` checkpoints."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+    def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
+        )
+        return model.eval()
+
+    # -- vision -----------------------------------------------------------------------------------
+    def _vision_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
+        visual = model.model.visual
+        vc = visual.config
+        example, _ = _vision_inputs([[1, 4, 6], [1, 8, 8]], vc, dtype, seed=0)
+        verify = [
+            _vision_inputs([[1, 10, 14]], vc, dtype, seed=1),
+            _vision_inputs([[1, 6, 4], [2, 12, 10], [1, 2, 2]], vc, dtype, seed=2),
+        ]
+        patches, merged = Dim("num_patches"), Dim("num_merged")
+        dyn = {
+            "pixel_values": {0: patches},
+            "position_ids": {0: patches},
+            "window_index": {0: merged},
+            "reverse_window_index": {0: merged},
+            "full_segment_index": {0: Dim("num_full_segments"), 1: Dim("full_segment_len")},
+            "full_row_position": {0: patches},
+            "window_segment_index": {0: Dim("num_windows"), 1: Dim("window_len")},
+            "window_row_position": {0: patches},
+        }
+        grids = {id(feeds["pixel_values"]): grid for feeds, grid in verify}
+
+        def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            grid = grids[id(feeds["pixel_values"])]
+            return [visual(feeds["pixel_values"], grid_thw=grid).pooler_output]
+
+        return GraphSpec(
+            name="vision_encoder",
+            module=Qwen2_5_VisionEncoder(visual),
+            input_names=list(VISION_INPUTS),
+            output_names=["visual_embeds"],
+            example_args=tuple(example[name] for name in VISION_INPUTS),
+            dynamic_shapes=tuple(dyn[name] for name in VISION_INPUTS),
+            verify_feeds=[feeds for feeds, _ in verify],
+            reference=reference,
+            tolerance=1e-4 if dtype == torch.float32 else 5e-2,
+            input_axes={
+                "pixel_values": {0: "num_patches"},
+                "position_ids": {0: "num_patches"},
+                "window_index": {0: "num_visual_tokens"},
+                "reverse_window_index": {0: "num_visual_tokens"},
+                "full_segment_index": {0: "num_full_segments", 1: "full_segment_len"},
+                "full_row_position": {0: "num_patches"},
+                "window_segment_index": {0: "num_windows", 1: "window_len"},
+                "window_row_position": {0: "num_patches"},
+            },
+            output_axes={"visual_embeds": {0: "num_visual_tokens"}},
+        )
+
+    # -- embedding --------------------------------------------------------------------------------
+    def _embedding_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
+        config = model.config
+        embed = model.model.language_model.embed_tokens
+        hidden = config.text_config.hidden_size
+        image_id, video_id = config.image_token_id, config.video_token_id
+        module = EmbeddingMerge(embed, [image_id, video_id])
+        generator = torch.Generator().manual_seed(3)
+
+        def make(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+            ids = torch.tensor(rows, dtype=torch.int64)
+            n_visual = int(((ids == image_id) | (ids == video_id)).sum())
+            visual = torch.randn(n_visual, hidden, generator=generator).to(dtype)
+            return {"input_ids": ids, "visual_embeds": visual}
+
+        example = make([[10, image_id, image_id, 11], [video_id, 12, 13, image_id]])
+        verify = [
+            make([[1, 2, video_id, video_id, image_id, 3], [image_id, 4, 5, 6, video_id, 7], [8] * 6]),
+            make([[1, 2, 3]]),
+        ]
+
+        def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            ids, visual = feeds["input_ids"], feeds["visual_embeds"]
+            flat = ids.reshape(-1)
+            order = flat[(flat == image_id) | (flat == video_id)]
+            image_rows, video_rows = visual[order == image_id], visual[order == video_id]
+            embeds = embed(ids)
+            image_mask = (ids == image_id)[..., None].expand_as(embeds)
+            video_mask = (ids == video_id)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(image_mask, image_rows)
+            embeds = embeds.masked_scatter(video_mask, video_rows)
+            return [embeds]
+
+        batch, seq, n_visual = Dim("batch"), Dim("sequence"), Dim("num_visual_tokens")
+        return GraphSpec(
+            name="embedding",
+            module=module,
+            input_names=["input_ids", "visual_embeds"],
+            output_names=["inputs_embeds"],
+            example_args=(example["input_ids"], example["visual_embeds"]),
+            dynamic_shapes=({0: batch, 1: seq}, {0: n_visual}),
+            verify_feeds=verify,
+            reference=reference,
+            tolerance=0.0,
+            input_axes={"input_ids": {0: "batch", 1: "sequence"}, "visual_embeds": {0: "num_visual_tokens"}},
+            output_axes={"inputs_embeds": {0: "batch", 1: "sequence"}},
+        )
+
+    # -- decoder ----------------------------------------------------------------------------------
+    def _decoder_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
+        text = model.model.language_model
+        tc = text.config
+        num_layers, kv_heads = tc.num_hidden_layers, tc.num_key_value_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        module = DecoderWithCache(text, model.lm_head)
+        past_names, present_names = decoder_io_names(num_layers)
+        generator = torch.Generator().manual_seed(4)
+
+        def make(batch: int, seq: int, past: int, pads: list[int]) -> dict[str, torch.Tensor]:
+            mask = torch.ones(batch, past + seq, dtype=torch.int64)
+            for row, pad in enumerate(pads):
+                mask[row, :pad] = 0
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+            position_ids = torch.stack([positions, positions + 1, positions + 2])  # distinct MRoPE axes
+            feeds = {
+                "inputs_embeds": torch.randn(batch, seq, tc.hidden_size, generator=generator).to(dtype),
+                "position_ids": position_ids,
+                "attention_mask": mask,
+            }
+            for name in past_names:
+                feeds[name] = torch.randn(batch, kv_heads, past, head_dim, generator=generator).to(dtype)
+            return feeds
+
+        example = make(2, 3, 4, pads=[0, 2])
+        verify = [make(3, 7, 0, pads=[0, 3, 1]), make(2, 1, 9, pads=[4, 0])]
+
+        def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            cache = DynamicCache(config=tc)
+            if feeds[past_names[0]].shape[2] > 0:
+                for layer in range(num_layers):
+                    cache.update(feeds[f"past_key_values.{layer}.key"], feeds[f"past_key_values.{layer}.value"], layer)
+            out = text(
+                inputs_embeds=feeds["inputs_embeds"],
+                attention_mask=feeds["attention_mask"],
+                position_ids=feeds["position_ids"],
+                cache=cache,
+                use_cache=True,
+            )
+            logits = model.lm_head(out.last_hidden_state[:, -1:, :])
+            present = []
+            for layer in range(num_layers):
+                present += [out.cache.layers[layer].keys, out.cache.layers[layer].values]
+            return [logits, *present]
+
+        batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+        kv_axes = {0: batch, 2: past}
+        dynamic = (
+            {0: batch, 1: seq},
+            {1: batch, 2: seq},
+            {0: batch, 1: total},
+            [(kv_axes, kv_axes) for _ in range(num_layers)],
+        )
+        example_past = [
+            (example[f"past_key_values.{i}.key"], example[f"past_key_values.{i}.value"]) for i in range(num_layers)
+        ]
+        kv_in = {name: {0: "batch", 2: "past_sequence"} for name in past_names}
+        kv_out = {name: {0: "batch", 2: "total_sequence"} for name in present_names}
+        return GraphSpec(
+            name="decoder",
+            module=module,
+            input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names],
+            output_names=["logits", *present_names],
+            example_args=(example["inputs_embeds"], example["position_ids"], example["attention_mask"], example_past),
+            dynamic_shapes=dynamic,
+            verify_feeds=verify,
+            reference=reference,
+            tolerance=1e-4 if dtype == torch.float32 else 5e-2,
+            input_axes={
+                "inputs_embeds": {0: "batch", 1: "sequence"},
+                "position_ids": {1: "batch", 2: "sequence"},
+                "attention_mask": {0: "batch", 1: "total_sequence"},
+                **kv_in,
+            },
+            output_axes={"logits": {0: "batch"}, **kv_out},
+        )
+
+    def graph_specs(self, model: nn.Module, dtype: torch.dtype) -> list[GraphSpec]:
+        return [self._vision_spec(model, dtype), self._embedding_spec(model, dtype), self._decoder_spec(model, dtype)]
+
+    def manifest_section(self, model: nn.Module, image_processor: dict[str, Any]) -> dict[str, Any]:
+        config = model.config
+        vc, tc = config.vision_config, config.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return {
+            "preprocessing": Qwen2VLImageConfig.from_processor_dict(image_processor).to_dict(),
+            "tokens": {
+                "image_token_id": config.image_token_id,
+                "video_token_id": config.video_token_id,
+                "vision_start_token_id": config.vision_start_token_id,
+            },
+            "text": {
+                "hidden_size": tc.hidden_size,
+                "num_layers": tc.num_hidden_layers,
+                "num_kv_heads": tc.num_key_value_heads,
+                "head_dim": head_dim,
+                "vocab_size": tc.vocab_size,
+                "max_position_embeddings": tc.max_position_embeddings,
+                "position_ids_shape": ["3", "batch", "sequence"],
+            },
+            "vision": {
+                "patch_size": vc.patch_size,
+                "temporal_patch_size": vc.temporal_patch_size,
+                "spatial_merge_size": vc.spatial_merge_size,
+                "window_size": vc.window_size,
+                "tokens_per_second": vc.tokens_per_second,
+                "out_hidden_size": vc.out_hidden_size,
+            },
+        }
+
+
+register_graph_family(Qwen2_5_VLGraphs())

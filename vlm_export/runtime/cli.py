@@ -1,0 +1,98 @@
+"""`vlm-run`: generate text from an exported folder with images and a prompt (no torch needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlm_export.errors import VLMExportError
+
+EPILOG = """\
+examples:
+  vlm-run out/qwen25vl --image cat.jpg --prompt "Describe it."
+  vlm-run out/qwen25vl --image a.png --image b.png --prompt "Compare them." --max-new-tokens 64 --greedy
+  vlm-run out/qwen25vl --prompt "Hello" --json
+
+Sampling defaults come from the model's generation_config.json, as in transformers; --greedy turns sampling off.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlm_export.runtime.backends import BACKENDS
+
+    parser = argparse.ArgumentParser(
+        prog="vlm-run",
+        description="Generate text with a model exported by vlm-export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", type=Path, help="folder written by vlm-export")
+    parser.add_argument("--prompt", required=True, help="user message text")
+    parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    parser.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+    parser.add_argument("--system", help="system message (default: the chat template's own)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: generation_config or 256)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (implies sampling)")
+    parser.add_argument("--top-k", type=int, help="top-k sampling cut-off")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling cut-off")
+    parser.add_argument("--repetition-penalty", type=float, help="repetition penalty (1.0 = off)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False)")
+    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="inference backend")
+    parser.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, timings")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _messages(args: argparse.Namespace) -> list[dict]:
+    content: list[dict] = [{"type": "image", "path": path} for path in args.image]
+    content += [{"type": "video", "path": path} for path in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from vlm_export.runtime.pipeline import VLMPipeline
+
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    if args.greedy:
+        settings["do_sample"] = False
+    elif args.temperature is not None:
+        settings["do_sample"] = True
+    try:
+        pipe = VLMPipeline.from_pretrained(args.model, backend=args.backend)
+        messages = _messages(args)
+        if args.json:
+            result = pipe.generate(messages, **settings)
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            for piece in pipe.stream(messages, **settings):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except VLMExportError as error:
+        print(f"vlm-run: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

