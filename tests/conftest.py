@@ -54,3 +54,21 @@ def tiny_qwen2_5_vl_v5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlm_export.testing.tiny_models import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl_v5"), layout="v5", seed=0)
+
+
+@pytest.fixture(scope="session")
+def exported_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_5_vl_dir: Path) -> Path:
+    """The tiny Qwen2.5-VL exported once per session through the public `vlm-export` CLI. Read-only."""
+    from vlm_export.exporter.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "qwen25vl"
+    assert main(["--model", str(tiny_qwen2_5_vl_dir), "--output", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_pipe(exported_qwen2_5_vl: Path):
+    """A `VLMPipeline` on ONNX Runtime CPU over `exported_qwen2_5_vl`."""
+    from vlm_export.runtime import VLMPipeline
+
+    return VLMPipeline.from_pretrained(exported_qwen2_5_vl, backend="ort-cpu")

@@ -22,19 +22,13 @@ LOGITS_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_qwen2_5_vl_dir, tmp_path_factory):
-    from vlm_export.exporter.cli import main
-
-    out = tmp_path_factory.mktemp("export") / "qwen25vl"
-    assert main(["--model", str(tiny_qwen2_5_vl_dir), "--output", str(out), "--quiet"]) == 0
-    return out
+def exported(exported_qwen2_5_vl):
+    return exported_qwen2_5_vl
 
 
 @pytest.fixture(scope="module")
-def pipe(exported):
-    from vlm_export.runtime import VLMPipeline
-
-    return VLMPipeline.from_pretrained(exported, backend="ort-cpu")
+def pipe(qwen2_5_vl_pipe):
+    return qwen2_5_vl_pipe
 
 
 @pytest.fixture(scope="module")

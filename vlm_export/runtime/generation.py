@@ -79,13 +79,23 @@ class Generator:
             embeds = np.zeros((0, self.hidden), dtype=self.dtype)
         else:
             session = self.sessions["vision_encoder"]
-            embeds = session.to_numpy(session.run(visual.feeds)["visual_embeds"])
+            embeds = session.to_numpy(session.run(self._conform(session, visual.feeds))["visual_embeds"])
         if embeds.shape[0] != needed:
             raise InputError(
                 f"the prompt has {needed} visual placeholder tokens but the media produced {embeds.shape[0]} "
                 "embeddings; do not write placeholder tokens such as <|image_pad|> in the text yourself"
             )
         return embeds
+
+    @staticmethod
+    def _conform(session: GraphSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host-made float arrays (pixels) in the graph's declared float type (float16 exports)."""
+        declared = {t.name: t.dtype for t in session.info.inputs}
+        out = {}
+        for name, value in feeds.items():
+            want = _NUMPY_TYPES.get(declared.get(name, ""))
+            out[name] = value.astype(want) if want is not None and value.dtype != want else value
+        return out
 
     # -- loop ---------------------------------------------------------------------------------------
     def steps(
