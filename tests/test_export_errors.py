@@ -71,3 +71,23 @@ def test_interrupted_export_leaves_nothing(tmp_path, tiny_qwen2_5_vl_dir, monkey
         export_module.export_model(str(tiny_qwen2_5_vl_dir), out, progress=False)
     assert calls == ["vision_encoder", "embedding"]
     assert list(tmp_path.iterdir()) == [], "staging or output folder left behind"
+
+
+def test_large_graphs_use_external_data(tmp_path, monkeypatch, tiny_qwen2_5_vl_dir):
+    """Above the protobuf limit the weights go to `<graph>.onnx.data`; ONNX Runtime still loads the graph."""
+    import onnxruntime as ort
+    import torch
+
+    import vlm_export.exporter.onnx_export as onnx_export
+    from vlm_export.graphs.registry import graph_family_for
+
+    family = graph_family_for("qwen2_5_vl")
+    model = family.load_model(tiny_qwen2_5_vl_dir, torch.float32)
+    spec = next(s for s in family.graph_specs(model, torch.float32) if s.name == "embedding")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    info = onnx_export.export_graph(spec, tmp_path)
+    assert (tmp_path / "embedding.onnx").stat().st_size < 1_000_000
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.data")) > 30_000_000
+    session = ort.InferenceSession(str(tmp_path / info.file), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in spec.verify_feeds[0].items()}
+    assert session.run(None, feeds)[0].shape == (3, 6, 64)

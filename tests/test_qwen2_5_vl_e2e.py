@@ -172,3 +172,19 @@ def test_manifest_records_verification(exported):
     for name in ("vision_encoder", "embedding", "decoder"):
         assert manifest["graphs"][name]["max_abs_diff"] <= 1e-4
     assert (exported / "chat_template.jinja").is_file() and (exported / "tokenizer.json").is_file()
+
+
+def test_vision_embeddings_match_transformers(pipe, hf, images):
+    """Our preprocessing + vision graph vs transformers' processor + vision tower, several images at once."""
+    model, processor = hf
+    paths = [images["wide"], images["small"], images["big"]]
+    conversation = _user(*paths, "x")
+    prompts, visual = pipe.prepare([conversation])
+    ours = pipe.generator._visual_embeds(np.asarray(prompts, dtype=np.int64), visual)
+    inputs = processor.image_processor(images=[Image.open(p) for p in paths], return_tensors="pt")
+    with torch.no_grad():
+        theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    theirs = torch.cat(theirs).numpy()
+    np.testing.assert_array_equal(visual.meta["image_grid_thw"], inputs["image_grid_thw"].numpy())
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())

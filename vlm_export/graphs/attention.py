@@ -10,8 +10,11 @@ layers, never with the square of the total patch count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def gather_segments(rows: torch.Tensor, segment_index: torch.Tensor) -> torch.Tensor:
@@ -52,3 +55,27 @@ def segment_attention(
     bias = bias.expand(-1, -1, q.shape[2], -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
     return scatter_segments(out.transpose(1, 2), row_position)
+
+
+RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def vision_block_with_segments(
+    block: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    segment_index: torch.Tensor,
+    row_position: torch.Tensor,
+    apply_rope: RopeFn,
+) -> torch.Tensor:
+    """One pre-norm ViT block of the Qwen-VL families (norm1 -> qkv -> rope -> attention -> proj, norm2 -> mlp),
+    using the block's own submodules, with attention restricted to the host-described segments."""
+    attn = block.attn
+    num_rows = hidden.shape[0]
+    qkv = attn.qkv(block.norm1(hidden)).reshape(num_rows, 3, attn.num_heads, -1)
+    query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)
+    query, key = apply_rope(query, key, cos, sin)
+    out = segment_attention(query, key, value, segment_index, row_position, attn.scaling)
+    hidden = hidden + attn.proj(out.reshape(num_rows, -1))
+    return hidden + block.mlp(block.norm2(hidden))

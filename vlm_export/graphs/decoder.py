@@ -66,9 +66,19 @@ class DecoderWithCache(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
-        extra: dict[str, torch.Tensor] | None = None,
     ):
-        extra = extra or {}
+        return self.run(inputs_embeds, position_ids, attention_mask, past_key_values, {})
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
+        extra: dict[str, torch.Tensor],
+    ):
+        """The shared body; a family whose decoder takes more inputs subclasses with an explicit `forward`
+        signature (the exporter traces named arguments) and passes them on in `extra` for `layer_hook`."""
         cache = PastKeyValues(past_key_values)
         mask = additive_causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
         hidden = inputs_embeds

@@ -18,7 +18,7 @@ from torch.export import Dim
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-from vlm_export.graphs.attention import segment_attention
+from vlm_export.graphs.attention import vision_block_with_segments
 from vlm_export.graphs.decoder import DecoderWithCache, decoder_io_names
 from vlm_export.graphs.embedding import EmbeddingMerge
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
@@ -67,19 +67,14 @@ class Qwen2_5_VisionEncoder(nn.Module):
         cos, sin = visual.rotary_pos_emb(hidden, position_ids)
         cos = self._window_order(cos, window_index)
         sin = self._window_order(sin, window_index)
-        num_rows = hidden.shape[0]
         for index, block in enumerate(visual.blocks):
             if index in self.full_layers:
                 segments, positions = full_segment_index, full_row_position
             else:
                 segments, positions = window_segment_index, window_row_position
-            attn = block.attn
-            qkv = attn.qkv(block.norm1(hidden)).reshape(num_rows, 3, attn.num_heads, -1)
-            query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)
-            query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-            out = segment_attention(query, key, value, segments, positions, attn.scaling)
-            hidden = hidden + attn.proj(out.reshape(num_rows, -1))
-            hidden = hidden + block.mlp(block.norm2(hidden))
+            hidden = vision_block_with_segments(
+                block, hidden, cos, sin, segments, positions, apply_rotary_pos_emb_vision
+            )
         merged = visual.merger(hidden)
         return merged.index_select(0, reverse_window_index)
 

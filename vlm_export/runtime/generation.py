@@ -73,19 +73,25 @@ class Generator:
             )
 
     def _visual_embeds(self, input_ids: np.ndarray, visual: VisualBatch) -> np.ndarray:
+        return self._vision(input_ids, visual)["visual_embeds"]
+
+    def _vision(self, input_ids: np.ndarray, visual: VisualBatch) -> dict[str, np.ndarray]:
+        """All vision-graph outputs (`visual_embeds` first; families may add more, e.g. DeepStack features)."""
         placeholders = [self.family.placeholder_token(kind) for kind in ("image", "video")]
         needed = int(np.isin(input_ids, placeholders).sum())
         if visual.empty:
-            embeds = np.zeros((0, self.hidden), dtype=self.dtype)
+            outputs = {"visual_embeds": np.zeros((0, self.hidden), dtype=self.dtype)}
         else:
             session = self.sessions["vision_encoder"]
-            embeds = session.to_numpy(session.run(self._conform(session, visual.feeds))["visual_embeds"])
+            raw = session.run(self._conform(session, visual.feeds))
+            outputs = {name: session.to_numpy(value) for name, value in raw.items()}
+        embeds = outputs["visual_embeds"]
         if embeds.shape[0] != needed:
             raise InputError(
                 f"the prompt has {needed} visual placeholder tokens but the media produced {embeds.shape[0]} "
                 "embeddings; do not write placeholder tokens such as <|image_pad|> in the text yourself"
             )
-        return embeds
+        return outputs
 
     @staticmethod
     def _conform(session: GraphSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -116,7 +122,8 @@ class Generator:
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        visual_embeds = self._visual_embeds(input_ids, visual)
+        vision_outputs = self._vision(input_ids, visual)
+        visual_embeds = vision_outputs["visual_embeds"]
         timings["vision_s"] = time.perf_counter() - start
 
         embedding, decoder = self.sessions["embedding"], self.sessions["decoder"]
@@ -129,6 +136,7 @@ class Generator:
             "position_ids": position_ids,
             "attention_mask": attention_mask,
         }
+        feeds.update(self.family.decoder_feeds(input_ids, vision_outputs))
         feeds.update({name: empty_past for name in self.past_names})
         outputs = decoder.run(feeds)
         timings["prefill_s"] = time.perf_counter() - prefill_start
@@ -163,6 +171,7 @@ class Generator:
                 "position_ids": self.family.decode_positions(attention_mask, state, 1),
                 "attention_mask": attention_mask,
             }
+            feeds.update(self.family.decoder_feeds(tokens[:, None], None))
             feeds.update(zip(self.past_names, (outputs[name] for name in self.present_names), strict=True))
             outputs = decoder.run(feeds)
         decode_s = time.perf_counter() - decode_start

@@ -66,6 +66,11 @@ class RuntimeFamily(Protocol):
 
     def decode_positions(self, attention_mask: np.ndarray, state: Any, num_new: int) -> np.ndarray: ...
 
+    def decoder_feeds(self, input_ids: np.ndarray, vision_outputs: dict[str, np.ndarray] | None) -> dict[str, Any]:
+        """Decoder inputs beyond embeddings, positions, mask and cache (none for most families). `input_ids` are
+        the tokens of this decoder call; `vision_outputs` is None on decode steps."""
+        ...
+
 
 _FAMILIES: dict[str, Callable[[Manifest, Path], RuntimeFamily]] = {}
 

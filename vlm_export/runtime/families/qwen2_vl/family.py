@@ -120,3 +120,6 @@ class Qwen2_5_VLRuntime:
 
     def decode_positions(self, attention_mask: np.ndarray, state: Any, num_new: int) -> np.ndarray:
         return decode_position_ids(attention_mask, state, num_new)
+
+    def decoder_feeds(self, input_ids: np.ndarray, vision_outputs: dict[str, np.ndarray] | None) -> dict[str, Any]:
+        return {}
