@@ -12,6 +12,8 @@ Families plug in extra inputs and per-layer additions (Qwen3-VL DeepStack) throu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,3 +106,126 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     return past, present
+
+
+@dataclass
+class ExtraDecoderInputs:
+    """Inputs a family's decoder takes between `attention_mask` and the cache (e.g. Qwen3-VL DeepStack)."""
+
+    names: list[str]
+    # (batch, seq, generator) -> example values; called for the traced example and each verification set
+    make: Callable[[int, int, torch.Generator], dict[str, torch.Tensor]]
+    # (batch Dim, sequence Dim) -> dynamic axes per input name
+    dynamic: Callable[[Any, Any], dict[str, dict[int, Any]]]
+    axes: dict[str, dict[int, str]]
+    # feeds -> extra keyword arguments of transformers' text model forward (the reference)
+    reference_kwargs: Callable[[dict[str, torch.Tensor]], dict[str, Any]]
+
+
+def decoder_spec(
+    module: nn.Module,
+    text_model: nn.Module,
+    lm_head: nn.Module,
+    dtype: torch.dtype,
+    *,
+    position_rank: int = 3,
+    extra: ExtraDecoderInputs | None = None,
+):
+    """GraphSpec of a `DecoderWithCache` (or subclass), verified against transformers' text model with a
+    `DynamicCache` on a prefill (past 0, left padding) and a decode step (past > 0, S=1)."""
+    from torch.export import Dim
+    from transformers import DynamicCache
+
+    from vlm_export.graphs.registry import GraphSpec
+
+    tc = text_model.config
+    num_layers, kv_heads = tc.num_hidden_layers, tc.num_key_value_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    past_names, present_names = decoder_io_names(num_layers)
+    extra_names = extra.names if extra else []
+    generator = torch.Generator().manual_seed(4)
+
+    def make(batch: int, seq: int, past: int, pads: list[int]) -> dict[str, torch.Tensor]:
+        mask = torch.ones(batch, past + seq, dtype=torch.int64)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # distinct values per MRoPE axis, so a graph that mixes up the axes fails verification
+        position_ids = torch.stack([positions, positions + 1, positions + 2]) if position_rank == 3 else positions
+        feeds = {
+            "inputs_embeds": torch.randn(batch, seq, tc.hidden_size, generator=generator).to(dtype),
+            "position_ids": position_ids,
+            "attention_mask": mask,
+        }
+        if extra:
+            feeds.update(
+                {k: v.to(dtype) if v.is_floating_point() else v for k, v in extra.make(batch, seq, generator).items()}
+            )
+        for name in past_names:
+            feeds[name] = torch.randn(batch, kv_heads, past, head_dim, generator=generator).to(dtype)
+        return feeds
+
+    example = make(2, 3, 4, pads=[0, 2])
+    verify = [make(3, 7, 0, pads=[0, 3, 1]), make(2, 1, 9, pads=[4, 0])]
+
+    def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        cache = DynamicCache(config=tc)
+        if feeds[past_names[0]].shape[2] > 0:
+            for layer in range(num_layers):
+                cache.update(feeds[f"past_key_values.{layer}.key"], feeds[f"past_key_values.{layer}.value"], layer)
+        out = text_model(
+            inputs_embeds=feeds["inputs_embeds"],
+            attention_mask=feeds["attention_mask"],
+            position_ids=feeds["position_ids"],
+            cache=cache,
+            use_cache=True,
+            **(extra.reference_kwargs(feeds) if extra else {}),
+        )
+        logits = lm_head(out.last_hidden_state[:, -1:, :])
+        present = []
+        for layer in range(num_layers):
+            present += [out.cache.layers[layer].keys, out.cache.layers[layer].values]
+        return [logits, *present]
+
+    batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    kv_axes = {0: batch, 2: past}
+    position_axes = {1: batch, 2: seq} if position_rank == 3 else {0: batch, 1: seq}
+    extra_dynamic = extra.dynamic(batch, seq) if extra else {}
+    dynamic = (
+        {0: batch, 1: seq},
+        position_axes,
+        {0: batch, 1: total},
+        *(extra_dynamic[name] for name in extra_names),
+        [(kv_axes, kv_axes) for _ in range(num_layers)],
+    )
+    example_past = [
+        (example[f"past_key_values.{i}.key"], example[f"past_key_values.{i}.value"]) for i in range(num_layers)
+    ]
+    kv_in = {name: {0: "batch", 2: "past_sequence"} for name in past_names}
+    kv_out = {name: {0: "batch", 2: "total_sequence"} for name in present_names}
+    position_named = {1: "batch", 2: "sequence"} if position_rank == 3 else {0: "batch", 1: "sequence"}
+    return GraphSpec(
+        name="decoder",
+        module=module,
+        input_names=["inputs_embeds", "position_ids", "attention_mask", *extra_names, *past_names],
+        output_names=["logits", *present_names],
+        example_args=(
+            example["inputs_embeds"],
+            example["position_ids"],
+            example["attention_mask"],
+            *(example[name] for name in extra_names),
+            example_past,
+        ),
+        dynamic_shapes=dynamic,
+        verify_feeds=verify,
+        reference=reference,
+        tolerance=1e-4 if dtype == torch.float32 else 5e-2,
+        input_axes={
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "position_ids": position_named,
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            **(extra.axes if extra else {}),
+            **kv_in,
+        },
+        output_axes={"logits": {0: "batch"}, **kv_out},
+    )

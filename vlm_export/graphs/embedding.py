@@ -29,3 +29,54 @@ class EmbeddingMerge(nn.Module):
         table = torch.cat([embeds.new_zeros((1, embeds.shape[-1])), visual_embeds.to(embeds.dtype)], dim=0)
         rows = table.index_select(0, row).reshape(embeds.shape)
         return torch.where(is_visual[..., None], rows, embeds)
+
+
+def embedding_spec(embed_tokens: nn.Embedding, image_token_id: int, video_token_id: int, dtype: torch.dtype):
+    """GraphSpec of the merge graph, verified against transformers' masked_scatter of image then video rows."""
+    from torch.export import Dim
+
+    from vlm_export.graphs.registry import GraphSpec
+
+    hidden = embed_tokens.embedding_dim
+    module = EmbeddingMerge(embed_tokens, [image_token_id, video_token_id])
+    generator = torch.Generator().manual_seed(3)
+    image_id, video_id = image_token_id, video_token_id
+
+    def make(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(rows, dtype=torch.int64)
+        n_visual = int(((ids == image_id) | (ids == video_id)).sum())
+        visual = torch.randn(n_visual, hidden, generator=generator).to(dtype)
+        return {"input_ids": ids, "visual_embeds": visual}
+
+    example = make([[10, image_id, image_id, 11], [video_id, 12, 13, image_id]])
+    verify = [
+        make([[1, 2, video_id, video_id, image_id, 3], [image_id, 4, 5, 6, video_id, 7], [8] * 6]),
+        make([[1, 2, 3]]),
+    ]
+
+    def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        ids, visual = feeds["input_ids"], feeds["visual_embeds"]
+        flat = ids.reshape(-1)
+        order = flat[(flat == image_id) | (flat == video_id)]
+        image_rows, video_rows = visual[order == image_id], visual[order == video_id]
+        embeds = embed_tokens(ids)
+        image_mask = (ids == image_id)[..., None].expand_as(embeds)
+        video_mask = (ids == video_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(image_mask, image_rows)
+        embeds = embeds.masked_scatter(video_mask, video_rows)
+        return [embeds]
+
+    batch, seq, n_visual = Dim("batch"), Dim("sequence"), Dim("num_visual_tokens")
+    return GraphSpec(
+        name="embedding",
+        module=module,
+        input_names=["input_ids", "visual_embeds"],
+        output_names=["inputs_embeds"],
+        example_args=(example["input_ids"], example["visual_embeds"]),
+        dynamic_shapes=({0: batch, 1: seq}, {0: n_visual}),
+        verify_feeds=verify,
+        reference=reference,
+        tolerance=0.0,
+        input_axes={"input_ids": {0: "batch", 1: "sequence"}, "visual_embeds": {0: "num_visual_tokens"}},
+        output_axes={"inputs_embeds": {0: "batch", 1: "sequence"}},
+    )

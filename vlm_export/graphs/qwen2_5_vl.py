@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim
-from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from vlm_export.graphs.attention import vision_block_with_segments
-from vlm_export.graphs.decoder import DecoderWithCache, decoder_io_names
-from vlm_export.graphs.embedding import EmbeddingMerge
+from vlm_export.graphs.decoder import DecoderWithCache, decoder_spec
+from vlm_export.graphs.embedding import embedding_spec
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.qwen2_vl.family import qwen2_5_vl_vision_feeds
 from vlm_export.runtime.families.qwen2_vl.preprocess import Qwen2VLImageConfig
@@ -165,134 +165,14 @@ class Qwen2_5_VLGraphs:
             output_axes={"visual_embeds": {0: "num_visual_tokens"}},
         )
 
-    # -- embedding --------------------------------------------------------------------------------
-    def _embedding_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
-        config = model.config
-        embed = model.model.language_model.embed_tokens
-        hidden = config.text_config.hidden_size
-        image_id, video_id = config.image_token_id, config.video_token_id
-        module = EmbeddingMerge(embed, [image_id, video_id])
-        generator = torch.Generator().manual_seed(3)
-
-        def make(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-            ids = torch.tensor(rows, dtype=torch.int64)
-            n_visual = int(((ids == image_id) | (ids == video_id)).sum())
-            visual = torch.randn(n_visual, hidden, generator=generator).to(dtype)
-            return {"input_ids": ids, "visual_embeds": visual}
-
-        example = make([[10, image_id, image_id, 11], [video_id, 12, 13, image_id]])
-        verify = [
-            make([[1, 2, video_id, video_id, image_id, 3], [image_id, 4, 5, 6, video_id, 7], [8] * 6]),
-            make([[1, 2, 3]]),
-        ]
-
-        def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            ids, visual = feeds["input_ids"], feeds["visual_embeds"]
-            flat = ids.reshape(-1)
-            order = flat[(flat == image_id) | (flat == video_id)]
-            image_rows, video_rows = visual[order == image_id], visual[order == video_id]
-            embeds = embed(ids)
-            image_mask = (ids == image_id)[..., None].expand_as(embeds)
-            video_mask = (ids == video_id)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(image_mask, image_rows)
-            embeds = embeds.masked_scatter(video_mask, video_rows)
-            return [embeds]
-
-        batch, seq, n_visual = Dim("batch"), Dim("sequence"), Dim("num_visual_tokens")
-        return GraphSpec(
-            name="embedding",
-            module=module,
-            input_names=["input_ids", "visual_embeds"],
-            output_names=["inputs_embeds"],
-            example_args=(example["input_ids"], example["visual_embeds"]),
-            dynamic_shapes=({0: batch, 1: seq}, {0: n_visual}),
-            verify_feeds=verify,
-            reference=reference,
-            tolerance=0.0,
-            input_axes={"input_ids": {0: "batch", 1: "sequence"}, "visual_embeds": {0: "num_visual_tokens"}},
-            output_axes={"inputs_embeds": {0: "batch", 1: "sequence"}},
-        )
-
-    # -- decoder ----------------------------------------------------------------------------------
-    def _decoder_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
-        text = model.model.language_model
-        tc = text.config
-        num_layers, kv_heads = tc.num_hidden_layers, tc.num_key_value_heads
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        module = DecoderWithCache(text, model.lm_head)
-        past_names, present_names = decoder_io_names(num_layers)
-        generator = torch.Generator().manual_seed(4)
-
-        def make(batch: int, seq: int, past: int, pads: list[int]) -> dict[str, torch.Tensor]:
-            mask = torch.ones(batch, past + seq, dtype=torch.int64)
-            for row, pad in enumerate(pads):
-                mask[row, :pad] = 0
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-            position_ids = torch.stack([positions, positions + 1, positions + 2])  # distinct MRoPE axes
-            feeds = {
-                "inputs_embeds": torch.randn(batch, seq, tc.hidden_size, generator=generator).to(dtype),
-                "position_ids": position_ids,
-                "attention_mask": mask,
-            }
-            for name in past_names:
-                feeds[name] = torch.randn(batch, kv_heads, past, head_dim, generator=generator).to(dtype)
-            return feeds
-
-        example = make(2, 3, 4, pads=[0, 2])
-        verify = [make(3, 7, 0, pads=[0, 3, 1]), make(2, 1, 9, pads=[4, 0])]
-
-        def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            cache = DynamicCache(config=tc)
-            if feeds[past_names[0]].shape[2] > 0:
-                for layer in range(num_layers):
-                    cache.update(feeds[f"past_key_values.{layer}.key"], feeds[f"past_key_values.{layer}.value"], layer)
-            out = text(
-                inputs_embeds=feeds["inputs_embeds"],
-                attention_mask=feeds["attention_mask"],
-                position_ids=feeds["position_ids"],
-                cache=cache,
-                use_cache=True,
-            )
-            logits = model.lm_head(out.last_hidden_state[:, -1:, :])
-            present = []
-            for layer in range(num_layers):
-                present += [out.cache.layers[layer].keys, out.cache.layers[layer].values]
-            return [logits, *present]
-
-        batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-        kv_axes = {0: batch, 2: past}
-        dynamic = (
-            {0: batch, 1: seq},
-            {1: batch, 2: seq},
-            {0: batch, 1: total},
-            [(kv_axes, kv_axes) for _ in range(num_layers)],
-        )
-        example_past = [
-            (example[f"past_key_values.{i}.key"], example[f"past_key_values.{i}.value"]) for i in range(num_layers)
-        ]
-        kv_in = {name: {0: "batch", 2: "past_sequence"} for name in past_names}
-        kv_out = {name: {0: "batch", 2: "total_sequence"} for name in present_names}
-        return GraphSpec(
-            name="decoder",
-            module=module,
-            input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names],
-            output_names=["logits", *present_names],
-            example_args=(example["inputs_embeds"], example["position_ids"], example["attention_mask"], example_past),
-            dynamic_shapes=dynamic,
-            verify_feeds=verify,
-            reference=reference,
-            tolerance=1e-4 if dtype == torch.float32 else 5e-2,
-            input_axes={
-                "inputs_embeds": {0: "batch", 1: "sequence"},
-                "position_ids": {1: "batch", 2: "sequence"},
-                "attention_mask": {0: "batch", 1: "total_sequence"},
-                **kv_in,
-            },
-            output_axes={"logits": {0: "batch"}, **kv_out},
-        )
-
     def graph_specs(self, model: nn.Module, dtype: torch.dtype) -> list[GraphSpec]:
-        return [self._vision_spec(model, dtype), self._embedding_spec(model, dtype), self._decoder_spec(model, dtype)]
+        config = model.config
+        text = model.model.language_model
+        return [
+            self._vision_spec(model, dtype),
+            embedding_spec(text.embed_tokens, config.image_token_id, config.video_token_id, dtype),
+            decoder_spec(DecoderWithCache(text, model.lm_head), text, model.lm_head, dtype),
+        ]
 
     def manifest_section(self, model: nn.Module, image_processor: dict[str, Any]) -> dict[str, Any]:
         config = model.config

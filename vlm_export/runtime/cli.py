@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vlm_export.errors import VLMExportError
 
+DEFAULT_MAX_NEW_TOKENS = 256
 EPILOG = """\
 examples:
   vlm-run out/qwen25vl --image cat.jpg --prompt "Describe it."
@@ -32,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", type=Path, help="folder written by vlm-export")
     parser.add_argument("--prompt", required=True, help="user message text")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    parser.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
     parser.add_argument("--system", help="system message (default: the chat template's own)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: generation_config or 256)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens to generate (default: generation_config's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
     parser.add_argument("--temperature", type=float, help="sampling temperature (implies sampling)")
     parser.add_argument("--top-k", type=int, help="top-k sampling cut-off")
     parser.add_argument("--top-p", type=float, help="nucleus sampling cut-off")
@@ -49,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _messages(args: argparse.Namespace) -> list[dict]:
     content: list[dict] = [{"type": "image", "path": path} for path in args.image]
-    content += [{"type": "video", "path": path} for path in args.video]
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": content})
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["do_sample"] = True
     try:
         pipe = VLMPipeline.from_pretrained(args.model, backend=args.backend)
+        if settings["max_new_tokens"] is None and "max_new_tokens" not in pipe.generation_config:
+            settings["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         messages = _messages(args)
         if args.json:
             result = pipe.generate(messages, **settings)
