@@ -57,13 +57,35 @@ def tiny_qwen2_5_vl_v5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exported_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_5_vl_dir: Path) -> Path:
-    """The tiny Qwen2.5-VL exported once per session through the public `vlm-export` CLI. Read-only."""
+def tiny_qwen3_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight Qwen3-VL (dense) checkpoint, hub layout, seed 0. Treat as read-only."""
+    _require_export_stack()
+    from vlm_export.testing.tiny_models import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl_hub"), layout="hub", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight Qwen3-VL-MoE checkpoint (layer 0 dense, layers 1-2 sparse), hub layout, seed 0."""
+    _require_export_stack()
+    from vlm_export.testing.tiny_models import build_tiny_qwen3_vl_moe
+
+    return build_tiny_qwen3_vl_moe(tmp_path_factory.mktemp("tiny_qwen3_vl_moe_hub"), layout="hub", seed=0)
+
+
+def _export_with_cli(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, name: str) -> Path:
     from vlm_export.exporter.cli import main
 
-    out = tmp_path_factory.mktemp("export") / "qwen25vl"
-    assert main(["--model", str(tiny_qwen2_5_vl_dir), "--output", str(out), "--quiet"]) == 0
+    out = tmp_path_factory.mktemp("export") / name
+    assert main(["--model", str(model_dir), "--output", str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_5_vl_dir: Path) -> Path:
+    """The tiny Qwen2.5-VL exported once per session through the public `vlm-export` CLI. Read-only."""
+    return _export_with_cli(tmp_path_factory, tiny_qwen2_5_vl_dir, "qwen2_5_vl")
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +94,15 @@ def qwen2_5_vl_pipe(exported_qwen2_5_vl: Path):
     from vlm_export.runtime import VLMPipeline
 
     return VLMPipeline.from_pretrained(exported_qwen2_5_vl, backend="ort-cpu")
+
+
+@pytest.fixture(scope="session")
+def exported_qwen3_vl(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_vl_dir: Path) -> Path:
+    """The tiny Qwen3-VL exported once per session through the public `vlm-export` CLI. Read-only."""
+    return _export_with_cli(tmp_path_factory, tiny_qwen3_vl_dir, "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def exported_qwen3_vl_moe(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_vl_moe_dir: Path) -> Path:
+    """The tiny Qwen3-VL-MoE exported once per session through the public `vlm-export` CLI. Read-only."""
+    return _export_with_cli(tmp_path_factory, tiny_qwen3_vl_moe_dir, "qwen3_vl_moe")

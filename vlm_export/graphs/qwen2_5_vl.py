@@ -108,10 +108,11 @@ class Qwen2_5_VLGraphs:
     """Graph family for `qwen2_5_vl` checkpoints."""
 
     name = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl",)
+    model_types: tuple[str, ...] = ("qwen2_5_vl",)
+    model_class: Any = Qwen2_5_VLForConditionalGeneration
 
     def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = self.model_class.from_pretrained(
             model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
         )
         return model.eval()
@@ -165,18 +166,36 @@ class Qwen2_5_VLGraphs:
             output_axes={"visual_embeds": {0: "num_visual_tokens"}},
         )
 
+    def _decoder(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
+        text = model.model.language_model
+        return decoder_spec(DecoderWithCache(text, model.lm_head), text, model.lm_head, dtype)
+
     def graph_specs(self, model: nn.Module, dtype: torch.dtype) -> list[GraphSpec]:
         config = model.config
-        text = model.model.language_model
+        embed = model.model.language_model.embed_tokens
         return [
             self._vision_spec(model, dtype),
-            embedding_spec(text.embed_tokens, config.image_token_id, config.video_token_id, dtype),
-            decoder_spec(DecoderWithCache(text, model.lm_head), text, model.lm_head, dtype),
+            embedding_spec(embed, config.image_token_id, config.video_token_id, dtype),
+            self._decoder(model, dtype),
         ]
+
+    def _vision_section(self, vision_config: Any) -> dict[str, Any]:
+        vc = vision_config
+        return {
+            "patch_size": vc.patch_size,
+            "temporal_patch_size": vc.temporal_patch_size,
+            "spatial_merge_size": vc.spatial_merge_size,
+            "window_size": vc.window_size,
+            "tokens_per_second": vc.tokens_per_second,
+            "out_hidden_size": vc.out_hidden_size,
+        }
+
+    def _text_extras(self, text_config: Any) -> dict[str, Any]:
+        return {}
 
     def manifest_section(self, model: nn.Module, image_processor: dict[str, Any]) -> dict[str, Any]:
         config = model.config
-        vc, tc = config.vision_config, config.text_config
+        tc = config.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         return {
             "preprocessing": Qwen2VLImageConfig.from_processor_dict(image_processor).to_dict(),
@@ -193,15 +212,9 @@ class Qwen2_5_VLGraphs:
                 "vocab_size": tc.vocab_size,
                 "max_position_embeddings": tc.max_position_embeddings,
                 "position_ids_shape": ["3", "batch", "sequence"],
+                **self._text_extras(tc),
             },
-            "vision": {
-                "patch_size": vc.patch_size,
-                "temporal_patch_size": vc.temporal_patch_size,
-                "spatial_merge_size": vc.spatial_merge_size,
-                "window_size": vc.window_size,
-                "tokens_per_second": vc.tokens_per_second,
-                "out_hidden_size": vc.out_hidden_size,
-            },
+            "vision": self._vision_section(config.vision_config),
         }
 
 

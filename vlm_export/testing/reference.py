@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any
 
 
-def qwen2_5_vl_processor(model_dir: str | Path, padding_side: str = "left") -> Any:
-    """transformers' own `Qwen2_5_VLProcessor` with the PIL image processor and no video processor.
+def vl_processor(model_dir: str | Path, processor_class: Any, padding_side: str = "left") -> Any:
+    """transformers' own Qwen-VL processor (`processor_class`) with the PIL image processor, no video processor.
 
-    transformers 5.24 refuses to build the processor without torchvision (its argument check looks up the
+    transformers 5.24 refuses to build these processors without torchvision (its argument check looks up the
     video processor class, which is a placeholder then). Images never touch the video processor, so the check
     is skipped for this one construction; every processing step that runs is transformers' own code.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side=padding_side)
@@ -21,7 +21,7 @@ def qwen2_5_vl_processor(model_dir: str | Path, padding_side: str = "left") -> A
     original = ProcessorMixin.check_argument_for_proper_class
     ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
     try:
-        return Qwen2_5_VLProcessor(
+        return processor_class(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=None,
@@ -29,3 +29,9 @@ def qwen2_5_vl_processor(model_dir: str | Path, padding_side: str = "left") -> A
         )
     finally:
         ProcessorMixin.check_argument_for_proper_class = original
+
+
+def qwen2_5_vl_processor(model_dir: str | Path, padding_side: str = "left") -> Any:
+    from transformers import Qwen2_5_VLProcessor
+
+    return vl_processor(model_dir, Qwen2_5_VLProcessor, padding_side)

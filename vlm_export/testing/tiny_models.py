@@ -30,16 +30,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm_export.testing.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
+from vlm_export.testing.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE, QWEN3_VL_CHAT_TEMPLATE
 from vlm_export.testing.qwen_tokenizer import (
     ENDOFTEXT_ID,
     IM_END_ID,
     IMAGE_PAD_ID,
     QWEN2_TOKENIZER_SIZE,
+    QWEN3_TOKENIZER_SIZE,
     VIDEO_PAD_ID,
     VISION_END_ID,
     VISION_START_ID,
     write_qwen2_tokenizer,
+    write_qwen3_tokenizer,
 )
 
 logger = logging.getLogger(__name__)
@@ -395,8 +397,528 @@ def build_tiny_qwen2_5_vl(
     return out
 
 
+# ------------------------------------------------------------------------------------ Qwen3-VL (+ MoE)
+
+#: Qwen3-VL normalises with mean = std = 0.5 (pixels map to [-1, 1]), not CLIP's values.
+QWEN3_VL_MEAN = [0.5, 0.5, 0.5]
+QWEN3_VL_STD = [0.5, 0.5, 0.5]
+
+#: Tiny image budget (factor = patch 16 x merge 2 = 32): 64x64 .. 32*32*256 pixels, i.e. 4 .. 256 merged
+#: tokens per image (the real preprocessor_config.json says 65536 .. 16777216).
+TINY_QWEN3_VL_MIN_PIXELS = 32 * 32 * 4
+TINY_QWEN3_VL_MAX_PIXELS = 32 * 32 * 256
+#: Tiny video budget over frames x height x width (the real video_preprocessor_config.json: 4096 .. 25165824).
+TINY_QWEN3_VL_VIDEO_MIN_PIXELS = 32 * 32 * 4
+TINY_QWEN3_VL_VIDEO_MAX_PIXELS = 32 * 32 * 512
+
+#: Text-model config of the tiny Qwen3-VL. Real values where the export depends on them (vocab, token ids,
+#: rope theta 5e6, interleaved mrope, eps, GQA, q/k RMSNorm, untied lm_head as in Qwen3-VL-8B); an explicit
+#: head_dim 32 != hidden / heads = 16 (as in Qwen3-VL-30B-A3B: 128 != 2048 / 32), so code that derives
+#: head_dim from hidden_size breaks here; mrope_section [6, 5, 5] sums to head_dim / 2 with the real
+#: [24, 20, 20] proportions (T gets the extra pair).
+TINY_QWEN3_VL_TEXT: dict[str, Any] = {
+    "vocab_size": 151936,  # all Qwen3-VL sizes; > every tokenizer id (151668)
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA, 2 query heads per KV head
+    "head_dim": 32,  # q_proj: 64 -> 128, o_proj: 128 -> 64
+    "hidden_act": "silu",
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 5000000.0,
+    "mrope_section": [6, 5, 5],
+    "mrope_interleaved": True,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "bos_token_id": ENDOFTEXT_ID,
+    "eos_token_id": IM_END_ID,
+}
+
+#: MoE text config: 3 layers with layer 0 dense (``mlp_only_layers=[0]``) and layers 1-2 sparse, 8 experts,
+#: top-2, normalised top-k weights (the real 30B-A3B: 128 experts, top-8, ``norm_topk_prob`` true, no dense
+#: layer). moe_intermediate_size 48 keeps every expert matrix non-square (gate_up [8, 96, 64], down
+#: [8, 64, 48]), so a missed transpose of the hub's fused expert tensors cannot go unnoticed.
+TINY_QWEN3_VL_MOE_TEXT: dict[str, Any] = {
+    **TINY_QWEN3_VL_TEXT,
+    "num_hidden_layers": 3,
+    "intermediate_size": 128,  # the dense layer's MLP
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [0],
+    "moe_intermediate_size": 48,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+}
+
+#: Vision-tower config of the tiny Qwen3-VL. 4 blocks with DeepStack taps after blocks 1 and 2 (real: 27
+#: blocks, taps [8, 16, 24]); a learned 8x8 position grid (real 48x48 = 2304), so every image larger than
+#: 8x8 patches exercises the bilinear interpolation.
+TINY_QWEN3_VL_VISION: dict[str, Any] = {
+    "depth": 4,
+    "deepstack_visual_indexes": [1, 2],
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "hidden_act": "gelu_pytorch_tanh",
+    "in_channels": 3,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "num_position_embeddings": 64,
+    "out_hidden_size": 64,  # = text hidden_size
+    "initializer_range": 0.02,
+}
+
+#: Top-level fields (real Qwen3-VL token ids; untied lm_head like Qwen3-VL-8B and the MoE models).
+TINY_QWEN3_VL_TOP: dict[str, Any] = {
+    "image_token_id": IMAGE_PAD_ID,
+    "video_token_id": VIDEO_PAD_ID,
+    "vision_start_token_id": VISION_START_ID,
+    "vision_end_token_id": VISION_END_ID,
+    "tie_word_embeddings": False,
+}
+
+#: generation_config.json of Qwen3-VL-*-Instruct (dense and MoE): the recommended sampling defaults.
+QWEN3_VL_GENERATION_CONFIG: dict[str, Any] = {
+    "bos_token_id": ENDOFTEXT_ID,
+    "pad_token_id": ENDOFTEXT_ID,
+    "do_sample": True,
+    "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+    "top_k": 20,
+    "top_p": 0.8,
+    "repetition_penalty": 1.0,
+    "temperature": 0.7,
+}
+
+#: Std of the re-drawn learned vision position grid: comparable to the patch embedding (std ~0.9), so a
+#: wrong interpolation of the grid shows up clearly in the vision output.
+POS_EMBED_STD = 0.5
+
+
+def tiny_qwen3_vl_config_dicts(
+    *, moe: bool = False, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(text, vision, top_level)`` config dicts of the tiny Qwen3-VL (``moe=True``: Qwen3-VL-MoE).
+
+    Text dicts are flat (``rope_theta``, ``mrope_section``, ``mrope_interleaved`` at the top; the config
+    builders fold them into ``rope_parameters``). ``text_config`` / ``vision_config`` overrides are merged
+    into the defaults; any other key is a top-level field, or (for convenience) a text field.
+    """
+    text = copy.deepcopy(TINY_QWEN3_VL_MOE_TEXT if moe else TINY_QWEN3_VL_TEXT)
+    vision = copy.deepcopy(TINY_QWEN3_VL_VISION)
+    top = copy.deepcopy(TINY_QWEN3_VL_TOP)
+    text.update(overrides.pop("text_config", None) or {})
+    vision_overrides = overrides.pop("vision_config", None) or {}
+    vision.update(vision_overrides)
+    for key, value in overrides.items():
+        if key in top:
+            top[key] = value
+        elif key in text:
+            text[key] = value
+        else:
+            top[key] = value
+    if "out_hidden_size" not in vision_overrides:
+        vision["out_hidden_size"] = text["hidden_size"]
+    if sum(text["mrope_section"]) != text["head_dim"] // 2:
+        raise ValueError(f"mrope_section {text['mrope_section']} must sum to head_dim/2 = {text['head_dim'] // 2}")
+    if text["vocab_size"] < QWEN3_TOKENIZER_SIZE:
+        raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer ({QWEN3_TOKENIZER_SIZE})")
+    side = round(vision["num_position_embeddings"] ** 0.5)
+    if side * side != vision["num_position_embeddings"]:
+        raise ValueError(f"num_position_embeddings {vision['num_position_embeddings']} must be a perfect square")
+    if not all(0 <= i < vision["depth"] for i in vision["deepstack_visual_indexes"]):
+        raise ValueError(f"deepstack_visual_indexes {vision['deepstack_visual_indexes']} must lie in [0, depth)")
+    if moe:
+        if not 0 < text["num_experts_per_tok"] <= text["num_experts"]:
+            raise ValueError(f"num_experts_per_tok must lie in [1, num_experts={text['num_experts']}]")
+        if not all(0 <= i < text["num_hidden_layers"] for i in text["mlp_only_layers"]):
+            raise ValueError(f"mlp_only_layers {text['mlp_only_layers']} must lie in [0, num_hidden_layers)")
+    return text, vision, top
+
+
+def _rope_parameters(text: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat tiny text dict into ``(other fields, rope_parameters)`` (v5 form)."""
+    text = dict(text)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": text.pop("rope_theta"),
+        "mrope_section": list(text.pop("mrope_section")),
+        "mrope_interleaved": text.pop("mrope_interleaved"),
+    }
+    return text, rope
+
+
+def tiny_qwen3_vl_config(**overrides: Any) -> Any:
+    """The tiny ``transformers.Qwen3VLConfig`` (v5 nested form)."""
+    from transformers import Qwen3VLConfig
+
+    text, vision, top = tiny_qwen3_vl_config_dicts(**overrides)
+    text, rope = _rope_parameters(text)
+    return Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=dict(vision), **top)
+
+
+def tiny_qwen3_vl_moe_config(**overrides: Any) -> Any:
+    """The tiny ``transformers.Qwen3VLMoeConfig`` (v5 nested form)."""
+    from transformers import Qwen3VLMoeConfig
+
+    text, vision, top = tiny_qwen3_vl_config_dicts(moe=True, **overrides)
+    text, rope = _rope_parameters(text)
+    return Qwen3VLMoeConfig(text_config={**text, "rope_parameters": rope}, vision_config=dict(vision), **top)
+
+
+def _qwen3_vl_hub_config_json(
+    text: dict[str, Any], vision: dict[str, Any], top: dict[str, Any], *, moe: bool
+) -> dict[str, Any]:
+    """config.json as the Qwen3-VL hub repos hold it (written by transformers 4.57): nested, but with
+    ``rope_scaling`` + ``rope_theta`` in ``text_config`` and the vision ``model_type`` spelt like the
+    top-level one (``qwen3_vl`` / ``qwen3_vl_moe``), which transformers 5.24 rewrites on load."""
+    text = dict(text)
+    rope_scaling = {
+        "mrope_interleaved": text.pop("mrope_interleaved"),
+        "mrope_section": list(text.pop("mrope_section")),
+        "rope_type": "default",
+    }
+    model_type = "qwen3_vl_moe" if moe else "qwen3_vl"
+    theta = text["rope_theta"]
+    text["rope_theta"] = int(theta) if float(theta).is_integer() else theta  # the hub writes 5000000
+    text_hub = {
+        **text,
+        "dtype": "float32",  # the tiny weights are saved in fp32 (the hub's are bfloat16)
+        "model_type": f"{model_type}_text",
+        "rope_scaling": rope_scaling,
+    }
+    vision_hub = {**vision, "model_type": model_type}
+    config = {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"],
+        "model_type": model_type,
+        **top,
+        "text_config": dict(sorted(text_hub.items())),
+        "transformers_version": "4.57.0.dev0",
+        "vision_config": dict(sorted(vision_hub.items())),
+    }
+    return dict(sorted(config.items()))
+
+
+def _redraw_qwen3_vl_weights(model: Any, *, seed: int, gain: float, embed_std: float) -> None:
+    """Overwrite every parameter deterministically from ``seed``; the Qwen3-VL version of
+    :func:`_redraw_weights` (which stays as it is, so the Qwen2.5-VL weights do not move).
+
+    Differences: LayerNorm biases (vision ``norm1``/``norm2``/merger ``norm``) get N(0, BIAS_STD) instead
+    of 1 + noise; fused 3D expert tensors ``[E, out, in]`` use fan_in = ``in`` (not ``out * in``); the
+    vision position grid gets N(0, POS_EMBED_STD). Matrices (lm_head and the MoE router included) get
+    N(0, gain / sqrt(fan_in)), so the router logits have a std of ~1.6 and tokens spread over experts.
+    """
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            parts = name.split(".")
+            if any("norm" in part for part in parts[:-1]):
+                param.copy_(1.0 + NORM_WEIGHT_STD * noise if parts[-1] == "weight" else BIAS_STD * noise)
+            elif "embed_tokens" in parts:
+                param.copy_(embed_std * noise)
+            elif "pos_embed" in parts:
+                param.copy_(POS_EMBED_STD * noise)
+            elif param.ndim == 1:
+                param.copy_(BIAS_STD * noise)
+            elif param.ndim == 3 and "experts" in parts:
+                param.copy_(gain / math.sqrt(param.shape[-1]) * noise)
+            else:
+                fan_in = param[0].numel()
+                param.copy_(gain / math.sqrt(fan_in) * noise)
+
+
+def expert_usage(model: Any, input_ids: Any, **forward_kwargs: Any) -> dict[int, set[int]]:
+    """``{decoder layer index: experts the router picked for any token}`` for one forward pass.
+
+    Works on a Qwen3-VL-MoE model (or any model whose routers are ``*TopKRouter`` modules returning
+    ``(logits, scores, indices)``); dense layers (``mlp_only_layers``) have no router and no key, so the
+    keys are the sparse layers. ``input_ids`` is a list of ids or a ``[B, S]`` tensor; ``forward_kwargs``
+    (pixel_values, image_grid_thw, mm_token_type_ids, ...) are passed to the forward call.
+    """
+    import re
+
+    import torch
+
+    used: dict[int, set[int]] = {}
+    handles = []
+
+    def hook_for(layer: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            used.setdefault(layer, set()).update(int(i) for i in output[2].flatten().tolist())
+
+        return hook
+
+    for name, module in model.named_modules():
+        match = re.search(r"layers\.(\d+)\.mlp\.gate$", name)
+        if match and type(module).__name__.endswith("TopKRouter"):
+            handles.append(module.register_forward_hook(hook_for(int(match.group(1)))))
+    if not handles:
+        raise ValueError(f"{type(model).__name__} has no MoE router (layers.N.mlp.gate)")
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, **forward_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(sorted(used.items()))
+
+
+def _transpose_fused_experts(out: Path) -> None:
+    """Rewrite the fused expert tensors of a saved checkpoint into the hub's orientation.
+
+    transformers 5.24 holds ``experts.gate_up_proj`` as ``[E, 2I, H]`` and ``experts.down_proj`` as
+    ``[E, H, I]``; the Qwen3-VL-MoE hub files (written by 4.57) hold ``[E, H, 2I]`` and ``[E, I, H]``.
+    On load 5.24 transposes whichever does not match the model (``Transpose(check_dims=True)``); on save
+    it compares with the model again and therefore writes its own orientation, so the hub layout has to
+    be produced here.
+    """
+    from safetensors.torch import load_file, save_file
+
+    index = out / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    for name in files or ["model.safetensors"]:
+        tensors = load_file(out / name)
+        fused = [k for k in tensors if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]
+        if fused:
+            for key in fused:
+                tensors[key] = tensors[key].transpose(1, 2).contiguous()
+            save_file(tensors, out / name, metadata={"format": "pt"})
+
+
+def _qwen3_vl_image_processor_kwargs(min_pixels: int, max_pixels: int) -> dict[str, Any]:
+    """The image fields of the Qwen3-VL preprocessor_config.json (``size`` in pixels, not edges)."""
+    return {
+        "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": QWEN3_VL_MEAN,
+        "image_std": QWEN3_VL_STD,
+    }
+
+
+def _build_tiny_qwen3_vl_family(
+    out_dir: str | Path,
+    *,
+    moe: bool,
+    layout: Layout,
+    seed: int,
+    weight_gain: float,
+    embed_std: float,
+    min_pixels: int,
+    max_pixels: int,
+    video_min_pixels: int,
+    video_max_pixels: int,
+    max_shard_size: str | None,
+    check_greedy: bool,
+    overrides: dict[str, Any],
+) -> Path:
+    """Shared body of :func:`build_tiny_qwen3_vl` and :func:`build_tiny_qwen3_vl_moe`."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    family = "qwen3_vl_moe" if moe else "qwen3_vl"
+
+    text, vision, top = tiny_qwen3_vl_config_dicts(moe=moe, **copy.deepcopy(overrides))
+    if (
+        moe
+        and layout == "hub"
+        and text["hidden_size"] in (text["moe_intermediate_size"], 2 * text["moe_intermediate_size"])
+    ):
+        # transformers 5.24 decides from the shapes whether to transpose hub expert tensors (see
+        # _transpose_fused_experts): square ones would load untransposed, i.e. silently wrong.
+        raise ValueError(
+            f"hub layout needs moe_intermediate_size ({text['moe_intermediate_size']}) and twice it to differ "
+            f"from hidden_size ({text['hidden_size']}): transformers cannot orient square expert tensors"
+        )
+    if moe:
+        from transformers import Qwen3VLMoeForConditionalGeneration as model_class
+
+        config = tiny_qwen3_vl_moe_config(**copy.deepcopy(overrides))
+    else:
+        from transformers import Qwen3VLForConditionalGeneration as model_class
+
+        config = tiny_qwen3_vl_config(**copy.deepcopy(overrides))
+    model = model_class(config).to(torch.float32).eval()
+    _redraw_qwen3_vl_weights(model, seed=seed, gain=weight_gain, embed_std=embed_std)
+
+    if check_greedy:
+        probe = greedy_tokens(model, list(_probe_prompt_ids()), 12)
+        if len(set(probe)) == 1:
+            logger.warning("tiny %s (seed %d) greedily repeats token %d; try another seed", family, seed, probe[0])
+
+    shard = max_shard_size if max_shard_size is not None else ("20MB" if layout == "hub" else "50GB")
+    model.save_pretrained(out, max_shard_size=shard)
+    if moe and layout == "hub":
+        _transpose_fused_experts(out)
+
+    processor_class = "Qwen3VLProcessor"
+    video = {
+        **_qwen3_vl_image_processor_kwargs(video_min_pixels, video_max_pixels),
+        "processor_class": processor_class,
+        "video_processor_type": "Qwen3VLVideoProcessor",
+    }
+    if layout == "hub":
+        _write_json(out / "config.json", _qwen3_vl_hub_config_json(text, vision, top, moe=moe))
+        _write_json(out / "generation_config.json", {**QWEN3_VL_GENERATION_CONFIG, "transformers_version": "4.56.0"})
+        write_qwen3_tokenizer(out, chat_template=QWEN3_VL_CHAT_TEMPLATE, processor_class=processor_class)
+        _write_json(out / "chat_template.json", {"chat_template": QWEN3_VL_CHAT_TEMPLATE})
+        preprocessor = {
+            **_qwen3_vl_image_processor_kwargs(min_pixels, max_pixels),
+            "processor_class": processor_class,
+            "image_processor_type": "Qwen2VLImageProcessorFast",
+        }
+        _write_json(out / "preprocessor_config.json", preprocessor)
+        _write_json(out / "video_preprocessor_config.json", video)
+    else:
+        from transformers import AutoTokenizer
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        GenerationConfig(**QWEN3_VL_GENERATION_CONFIG).save_pretrained(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_qwen3_tokenizer(tmp, chat_template=QWEN3_VL_CHAT_TEMPLATE, processor_class=processor_class)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+            tokenizer.save_pretrained(out)  # also writes chat_template.jinja
+        image_processor = Qwen2VLImageProcessorPil(**_qwen3_vl_image_processor_kwargs(min_pixels, max_pixels))
+        # Qwen3VLVideoProcessor can be built (not run) without torchvision: to_dict() is the real one.
+        video_processor = Qwen3VLVideoProcessor(**_qwen3_vl_image_processor_kwargs(video_min_pixels, video_max_pixels))
+        processor = {
+            "image_processor": image_processor.to_dict(),
+            "processor_class": processor_class,
+            "video_processor": video_processor.to_dict(),
+        }
+        for sub in ("image_processor", "video_processor"):
+            processor[sub].pop("processor_class", None)
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+        if not (out / "chat_template.jinja").is_file():
+            (out / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
+
+    logger.info(
+        "built tiny %s (layout=%s, seed=%d, %.1fM params) in %s in %.1fs: %s",
+        family,
+        layout,
+        seed,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        out,
+        time.perf_counter() - t0,
+        ", ".join(sorted(p.name for p in out.iterdir())),
+    )
+    return out
+
+
+def build_tiny_qwen3_vl(
+    out_dir: str | Path,
+    *,
+    layout: Layout = "hub",
+    seed: int = 0,
+    weight_gain: float = DEFAULT_WEIGHT_GAIN,
+    embed_std: float = DEFAULT_EMBED_STD,
+    min_pixels: int = TINY_QWEN3_VL_MIN_PIXELS,
+    max_pixels: int = TINY_QWEN3_VL_MAX_PIXELS,
+    video_min_pixels: int = TINY_QWEN3_VL_VIDEO_MIN_PIXELS,
+    video_max_pixels: int = TINY_QWEN3_VL_VIDEO_MAX_PIXELS,
+    max_shard_size: str | None = None,
+    check_greedy: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Build a tiny random-weight Qwen3-VL (dense) checkpoint in ``out_dir`` and return its path.
+
+    Files written with ``layout="hub"`` (as in the Qwen/Qwen3-VL-*-Instruct hub repos):
+      ``config.json`` (nested, as transformers 4.57 wrote it: ``text_config.rope_scaling`` with
+      ``mrope_interleaved``/``mrope_section`` + ``rope_theta``, vision ``model_type: qwen3_vl``),
+      ``generation_config.json``, ``model-0000X-of-0000N.safetensors`` + ``model.safetensors.index.json``
+      (sharded at 20MB unless ``max_shard_size`` says otherwise), ``tokenizer.json`` and
+      ``tokenizer_config.json`` (Qwen3 vocabulary, 151,669 tokens, with the chat template),
+      ``chat_template.json``, ``preprocessor_config.json`` (``size.{shortest,longest}_edge`` in pixels,
+      patch 16, mean/std 0.5, ``Qwen2VLImageProcessorFast``) and ``video_preprocessor_config.json``
+      (``Qwen3VLVideoProcessor``).
+    Files written with ``layout="v5"``: transformers 5.24 ``save_pretrained`` of model + processor
+      (``config.json`` with ``rope_parameters``, single ``model.safetensors``, ``chat_template.jinja``,
+      ``processor_config.json`` with ``image_processor`` and ``video_processor``).
+    Tensor names are ``model.language_model.*``, ``model.visual.*`` and ``lm_head.weight`` (untied) in both
+    layouts. ``overrides`` are config fields (see :func:`tiny_qwen3_vl_config_dicts`). With
+    ``check_greedy`` a 12-token greedy probe that repeats one token only logs a warning.
+    """
+    return _build_tiny_qwen3_vl_family(
+        out_dir,
+        moe=False,
+        layout=layout,
+        seed=seed,
+        weight_gain=weight_gain,
+        embed_std=embed_std,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        video_min_pixels=video_min_pixels,
+        video_max_pixels=video_max_pixels,
+        max_shard_size=max_shard_size,
+        check_greedy=check_greedy,
+        overrides=overrides,
+    )
+
+
+def build_tiny_qwen3_vl_moe(
+    out_dir: str | Path,
+    *,
+    layout: Layout = "hub",
+    seed: int = 0,
+    weight_gain: float = DEFAULT_WEIGHT_GAIN,
+    embed_std: float = DEFAULT_EMBED_STD,
+    min_pixels: int = TINY_QWEN3_VL_MIN_PIXELS,
+    max_pixels: int = TINY_QWEN3_VL_MAX_PIXELS,
+    video_min_pixels: int = TINY_QWEN3_VL_VIDEO_MIN_PIXELS,
+    video_max_pixels: int = TINY_QWEN3_VL_VIDEO_MAX_PIXELS,
+    max_shard_size: str | None = None,
+    check_greedy: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Build a tiny random-weight Qwen3-VL-MoE checkpoint in ``out_dir`` and return its path.
+
+    Same files and options as :func:`build_tiny_qwen3_vl`; ``config.json`` says ``qwen3_vl_moe`` and adds
+    the MoE text fields (``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+    ``decoder_sparse_step``, ``mlp_only_layers``, ``norm_topk_prob``). Sparse layers store their experts
+    fused, as the hub does: ``...mlp.experts.gate_up_proj`` ``[E, hidden, 2 * moe_intermediate]`` and
+    ``...mlp.experts.down_proj`` ``[E, moe_intermediate, hidden]`` (transformers 5.24 transposes both on
+    load and back on save), plus the router ``...mlp.gate.weight`` ``[E, hidden]``. See :func:`expert_usage`.
+    """
+    return _build_tiny_qwen3_vl_family(
+        out_dir,
+        moe=True,
+        layout=layout,
+        seed=seed,
+        weight_gain=weight_gain,
+        embed_std=embed_std,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        video_min_pixels=video_min_pixels,
+        video_max_pixels=video_max_pixels,
+        max_shard_size=max_shard_size,
+        check_greedy=check_greedy,
+        overrides=overrides,
+    )
+
+
 #: family name -> builder; the CLI and fixtures look builders up here.
-TINY_BUILDERS: dict[str, Callable[..., Path]] = {"qwen2_5_vl": build_tiny_qwen2_5_vl}
+TINY_BUILDERS: dict[str, Callable[..., Path]] = {
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "qwen3_vl_moe": build_tiny_qwen3_vl_moe,
+}
 
 
 def build_tiny_model(family: str, out_dir: str | Path, **kwargs: Any) -> Path:

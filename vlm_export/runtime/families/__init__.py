@@ -85,6 +85,7 @@ def register_runtime_family(name: str):
 
 def runtime_family_for(manifest: Manifest, folder: Path) -> RuntimeFamily:
     from vlm_export.runtime.families.qwen2_vl import family as _qwen2_vl  # noqa: F401  (registers)
+    from vlm_export.runtime.families.qwen3_vl import family as _qwen3_vl  # noqa: F401  (registers)
 
     try:
         factory = _FAMILIES[manifest.family]

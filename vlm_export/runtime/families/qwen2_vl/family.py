@@ -78,21 +78,22 @@ class Qwen2_5_VLRuntime:
             self._warned_resize = True
         visual = preprocess_images(images, self.image_config, max_pixels=self.max_pixels)
         merge = int(self.vision["spatial_merge_size"])
-        feeds = {"pixel_values": visual.pixel_values}
-        feeds.update(
-            qwen2_5_vl_vision_feeds(
-                visual.grid_thw,
-                merge_size=merge,
-                window_size=int(self.vision["window_size"]),
-                patch_size=int(self.vision["patch_size"]),
-            )
-        )
+        feeds = {"pixel_values": visual.pixel_values, **self.vision_feeds(visual.grid_thw)}
         counts = num_image_tokens(visual.grid_thw, merge)
         return VisualBatch(
             feeds=feeds,
             token_counts=list(counts),
             kinds=[item.kind for item in items],
             meta={"image_grid_thw": visual.grid_thw},
+        )
+
+    def vision_feeds(self, grid_thw: np.ndarray) -> dict[str, np.ndarray]:
+        """Grid-dependent vision-graph inputs (everything but the pixels)."""
+        return qwen2_5_vl_vision_feeds(
+            grid_thw,
+            merge_size=int(self.vision["spatial_merge_size"]),
+            window_size=int(self.vision["window_size"]),
+            patch_size=int(self.vision["patch_size"]),
         )
 
     def expand_placeholders(

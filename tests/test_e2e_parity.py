@@ -1,5 +1,6 @@
-"""Qwen2.5-VL end to end: export through the public CLI, generate through VLMPipeline on ONNX Runtime CPU, and
-compare with transformers on the same inputs — prompt token ids, per-step logits and greedy tokens."""
+"""Every family end to end: export through the public CLI, generate through VLMPipeline on ONNX Runtime CPU, and
+compare with transformers on the same inputs — prompt token ids, vision embeddings, per-step logits and greedy
+tokens (text only, one image, two images of different sizes, an image above max_pixels, padded batches)."""
 
 from __future__ import annotations
 
@@ -21,24 +22,39 @@ MAX_NEW_TOKENS = 12
 LOGITS_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def exported(exported_qwen2_5_vl):
-    return exported_qwen2_5_vl
+FAMILIES = {
+    # family: (transformers model class, transformers processor class)
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor"),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def pipe(qwen2_5_vl_pipe):
-    return qwen2_5_vl_pipe
+def exported(family, request):
+    return request.getfixturevalue(f"exported_{family}")
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_qwen2_5_vl_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def pipe(exported):
+    from vlm_export.runtime import VLMPipeline
 
-    from vlm_export.testing.reference import qwen2_5_vl_processor
+    return VLMPipeline.from_pretrained(exported, backend="ort-cpu")
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen2_5_vl_dir).eval()
-    return model, qwen2_5_vl_processor(tiny_qwen2_5_vl_dir)
+
+@pytest.fixture(scope="module")
+def hf(family, request):
+    from vlm_export.testing.reference import vl_processor
+
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    model_class, processor_class = (getattr(transformers, name) for name in FAMILIES[family])
+    model = model_class.from_pretrained(model_dir).eval()
+    return model, vl_processor(model_dir, processor_class)
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +182,9 @@ def test_vlm_run_json_matches_transformers(exported, hf, images):
     assert result["prompt_tokens"] > 0 and set(result["timings"]) >= {"ttft_s", "decode_s"}
 
 
-def test_manifest_records_verification(exported):
+def test_manifest_records_verification(exported, family):
     manifest = json.loads((exported / "manifest.json").read_text())
-    assert manifest["family"] == "qwen2_5_vl"
+    assert manifest["family"] == family
     for name in ("vision_encoder", "embedding", "decoder"):
         assert manifest["graphs"][name]["max_abs_diff"] <= 1e-4
     assert (exported / "chat_template.jinja").is_file() and (exported / "tokenizer.json").is_file()
@@ -188,3 +204,17 @@ def test_vision_embeddings_match_transformers(pipe, hf, images):
     np.testing.assert_array_equal(visual.meta["image_grid_thw"], inputs["image_grid_thw"].numpy())
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+def test_moe_routes_to_many_experts(family, hf, pipe, images):
+    """The MoE parity above means something only if tokens spread over experts and dense layers are mixed in."""
+    if family != "qwen3_vl_moe":
+        pytest.skip("not an MoE family")
+    from vlm_export.testing.tiny_models import expert_usage
+
+    model, _ = hf
+    assert model.config.text_config.mlp_only_layers, "the tiny MoE config must keep some dense MLP layers"
+    prompts, _ = pipe.prepare([_user("Write a haiku about rivers and mountains in the spring.")])
+    usage = expert_usage(model, torch.tensor(prompts))
+    assert usage and all(len(experts) >= 3 for experts in usage.values()), usage
+    assert json.loads((pipe.folder / "manifest.json").read_text())["text"]["moe_form"] == "batched_mm"
