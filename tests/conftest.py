@@ -74,6 +74,15 @@ def tiny_qwen3_vl_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3_vl_moe(tmp_path_factory.mktemp("tiny_qwen3_vl_moe_hub"), layout="hub", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight LLaVA-OneVision checkpoint (real 384/14 anyres geometry), hub layout, seed 0. Read-only."""
+    _require_export_stack()
+    from vlm_export.testing.tiny_models import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava_onevision_hub"), layout="hub", seed=0)
+
+
 def _export_with_cli(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, name: str) -> Path:
     from vlm_export.exporter.cli import main
 
@@ -106,3 +115,9 @@ def exported_qwen3_vl(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_vl_di
 def exported_qwen3_vl_moe(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_vl_moe_dir: Path) -> Path:
     """The tiny Qwen3-VL-MoE exported once per session through the public `vlm-export` CLI. Read-only."""
     return _export_with_cli(tmp_path_factory, tiny_qwen3_vl_moe_dir, "qwen3_vl_moe")
+
+
+@pytest.fixture(scope="session")
+def exported_llava_onevision(tmp_path_factory: pytest.TempPathFactory, tiny_llava_onevision_dir: Path) -> Path:
+    """The tiny LLaVA-OneVision exported once per session through the public `vlm-export` CLI. Read-only."""
+    return _export_with_cli(tmp_path_factory, tiny_llava_onevision_dir, "llava_onevision")

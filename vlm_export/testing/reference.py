@@ -13,10 +13,19 @@ def vl_processor(model_dir: str | Path, processor_class: Any, padding_side: str 
     video processor class, which is a placeholder then). Images never touch the video processor, so the check
     is skipped for this one construction; every processing step that runs is transformers' own code.
     """
+    import json
+
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side=padding_side)
+    # Scalar processor settings (LLaVA-OneVision's num_image_tokens, vision_feature_select_strategy, ...).
+    settings: dict[str, Any] = {}
+    config_file = Path(model_dir) / "processor_config.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        skip = {"processor_class", "chat_template", "image_processor", "video_processor", "tokenizer"}
+        settings = {k: v for k, v in data.items() if k not in skip and not isinstance(v, dict)}
     image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
     original = ProcessorMixin.check_argument_for_proper_class
     ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
@@ -26,6 +35,7 @@ def vl_processor(model_dir: str | Path, processor_class: Any, padding_side: str 
             tokenizer=tokenizer,
             video_processor=None,
             chat_template=tokenizer.chat_template,
+            **settings,
         )
     finally:
         ProcessorMixin.check_argument_for_proper_class = original

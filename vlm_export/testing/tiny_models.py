@@ -30,16 +30,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm_export.testing.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE, QWEN3_VL_CHAT_TEMPLATE
+from vlm_export.testing.chat_templates import (
+    LLAVA_ONEVISION_CHAT_TEMPLATE,
+    QWEN2_5_VL_CHAT_TEMPLATE,
+    QWEN3_VL_CHAT_TEMPLATE,
+)
 from vlm_export.testing.qwen_tokenizer import (
     ENDOFTEXT_ID,
     IM_END_ID,
     IMAGE_PAD_ID,
+    LLAVA_IMAGE_TOKEN_ID,
+    LLAVA_ONEVISION_TOKENIZER_SIZE,
+    LLAVA_VIDEO_TOKEN_ID,
     QWEN2_TOKENIZER_SIZE,
     QWEN3_TOKENIZER_SIZE,
     VIDEO_PAD_ID,
     VISION_END_ID,
     VISION_START_ID,
+    write_llava_onevision_tokenizer,
     write_qwen2_tokenizer,
     write_qwen3_tokenizer,
 )
@@ -913,11 +921,405 @@ def build_tiny_qwen3_vl_moe(
     )
 
 
+# ------------------------------------------------------------------------------------ LLaVA-OneVision
+
+#: Crop size of llava-onevision-qwen2-*-hf: SigLIP-so400m at 384 px, patch 14, so 27 x 27 = 729 tokens per crop.
+LLAVA_ONEVISION_IMAGE_SIZE = 384
+#: anyres_max_9 tiles an image into 1..6 crops per side (the 36 pinpoints 384 ... 2304 px).
+LLAVA_ONEVISION_MAX_TILES_PER_SIDE = 6
+
+
+def llava_onevision_grid_pinpoints(
+    image_size: int = LLAVA_ONEVISION_IMAGE_SIZE, max_tiles: int = LLAVA_ONEVISION_MAX_TILES_PER_SIDE
+) -> list[list[int]]:
+    """The ``image_grid_pinpoints`` ``[height, width]`` of the real configs, for crops of ``image_size`` px:
+    every grid of 1..``max_tiles`` crops per side, height-major (``image_size=384`` gives the real 36)."""
+    sides = [image_size * n for n in range(1, max_tiles + 1)]
+    return [[h, w] for h in sides for w in sides]
+
+
+#: SigLIP normalisation: the llava-hf conversion took its image / video processors from
+#: google/siglip-so400m-patch14-384, so the hub files say 0.5 (transformers' class defaults are CLIP's).
+LLAVA_ONEVISION_MEAN = [0.5, 0.5, 0.5]
+LLAVA_ONEVISION_STD = [0.5, 0.5, 0.5]
+
+#: Text-model (Qwen2) config of the tiny LLaVA-OneVision, after llava-onevision-qwen2-0.5b-ov-hf: its vocab
+#: (Qwen2-0.5B's 151936 + <image>, <video>, padded to a multiple of 64 by the conversion), rope theta, eps, GQA,
+#: tied embeddings (the 7B is untied: pass ``tie_word_embeddings=False``), bos/eos; tiny sizes elsewhere.
+TINY_LLAVA_ONEVISION_TEXT: dict[str, Any] = {
+    "vocab_size": 152000,  # > every tokenizer id (151647)
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,  # head_dim 16
+    "num_key_value_heads": 2,  # GQA, 2 query heads per KV head
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 24,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "tie_word_embeddings": True,
+    "bos_token_id": ENDOFTEXT_ID,
+    "eos_token_id": IM_END_ID,
+}
+
+#: Vision-tower (SigLIP) config of the tiny LLaVA-OneVision: the real geometry (384 px crops, patch 14, 729
+#: learned positions), which drives anyres tiling, unpadding and the token counts, on a 2-layer 64-wide tower
+#: (real: 26 layers of 1152, no pooling head).
+TINY_LLAVA_ONEVISION_VISION: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_channels": 3,
+    "image_size": LLAVA_ONEVISION_IMAGE_SIZE,
+    "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+    "attention_dropout": 0.0,
+    "vision_use_head": False,
+}
+
+#: Top-level fields, as in the real configs: token ids, the last layer's full patch grid (SigLIP has no CLS
+#: token), anyres_max_9, GELU projector with biases. ``image_grid_pinpoints`` defaults to
+#: :func:`llava_onevision_grid_pinpoints` of the vision ``image_size``.
+TINY_LLAVA_ONEVISION_TOP: dict[str, Any] = {
+    "image_token_index": LLAVA_IMAGE_TOKEN_ID,
+    "video_token_index": LLAVA_VIDEO_TOKEN_ID,
+    "projector_hidden_act": "gelu",
+    "vision_feature_select_strategy": "full",
+    "vision_feature_layer": -1,
+    "vision_aspect_ratio": "anyres_max_9",
+    "multimodal_projector_bias": True,
+}
+
+#: generation_config.json of llava-onevision-qwen2-*-ov-hf: derived from the model config, no sampling
+#: defaults (so generation is greedy) and a single eos.
+LLAVA_ONEVISION_GENERATION_CONFIG: dict[str, Any] = {
+    "bos_token_id": ENDOFTEXT_ID,
+    "eos_token_id": IM_END_ID,
+}
+
+#: Std of the re-drawn ``image_newline`` row. The projected image features come out with a std of ~6 (the
+#: token embedding: 0.08); at 1.0 the newline column still moves the last logits by ~2 on a 480x641 image.
+IMAGE_NEWLINE_STD = 1.0
+#: The text model's q_proj / k_proj (weights and biases) are drawn this much larger than the other matrices.
+#: A prompt holds 1,261-7,295 image tokens; with the plain gain the attention is so flat that the last
+#: position sees an average of the image and greedy decoding falls into 2-4 token cycles after an image.
+#: Doubling q and k (4x sharper attention scores) gives 10-12 distinct tokens out of 12, text or image.
+LLAVA_ONEVISION_TEXT_QK_SCALE = 2.0
+
+
+def tiny_llava_onevision_config_dicts(**overrides: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(text, vision, top_level)`` config dicts of the tiny LLaVA-OneVision, with overrides merged in.
+
+    ``text_config`` / ``vision_config`` overrides are dicts merged into the defaults; any other key is a
+    top-level ``LlavaOnevisionConfig`` field, or (for convenience) a text field such as ``tie_word_embeddings``.
+    The text dict is flat (``rope_theta`` at its top). ``top["image_grid_pinpoints"]`` is filled in.
+    """
+    text = copy.deepcopy(TINY_LLAVA_ONEVISION_TEXT)
+    vision = copy.deepcopy(TINY_LLAVA_ONEVISION_VISION)
+    top = copy.deepcopy(TINY_LLAVA_ONEVISION_TOP)
+    text.update(overrides.pop("text_config", None) or {})
+    vision.update(overrides.pop("vision_config", None) or {})
+    for key, value in overrides.items():
+        if key in top or key not in text:
+            top[key] = value
+        else:
+            text[key] = value
+    if top.get("image_grid_pinpoints") is None:
+        top["image_grid_pinpoints"] = llava_onevision_grid_pinpoints(vision["image_size"])
+    if text["vocab_size"] < LLAVA_ONEVISION_TOKENIZER_SIZE:
+        raise ValueError(
+            f"vocab_size {text['vocab_size']} is smaller than the tokenizer ({LLAVA_ONEVISION_TOKENIZER_SIZE})"
+        )
+    bad = [p for p in top["image_grid_pinpoints"] if p[0] % vision["image_size"] or p[1] % vision["image_size"]]
+    if bad:
+        raise ValueError(f"image_grid_pinpoints {bad} are not whole crops of image_size {vision['image_size']}")
+    if top["vision_feature_select_strategy"] not in ("default", "full"):
+        raise ValueError(
+            f"vision_feature_select_strategy must be 'default' or 'full', not {top['vision_feature_select_strategy']!r}"
+        )
+    if not str(top["vision_aspect_ratio"]).startswith("anyres_max_"):
+        raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_N', not {top['vision_aspect_ratio']!r}")
+    return text, vision, top
+
+
+def tiny_llava_onevision_config(**overrides: Any) -> Any:
+    """The tiny ``transformers.LlavaOnevisionConfig`` (v5 form: ``rope_parameters`` in the text config)."""
+    from transformers import LlavaOnevisionConfig
+
+    text, vision, top = tiny_llava_onevision_config_dicts(**overrides)
+    text = dict(text)
+    rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    return LlavaOnevisionConfig(
+        text_config={**text, "model_type": "qwen2", "rope_parameters": rope},
+        vision_config={**vision, "model_type": "siglip_vision_model"},
+        **top,
+    )
+
+
+def _llava_onevision_hub_config_json(
+    text: dict[str, Any], vision: dict[str, Any], top: dict[str, Any]
+) -> dict[str, Any]:
+    """config.json as the llava-hf repos hold it (written by transformers 4.45): nested, flat ``rope_theta`` in
+    ``text_config``, ``tie_word_embeddings`` only in ``text_config`` (5.24 forwards it to the top level),
+    ``use_image_newline_parameter``, and no ``multimodal_projector_bias`` (4.45 always had projector biases)."""
+    text_hub = {
+        **text,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "torch_dtype": "float32",  # the tiny weights are saved in fp32 (the hub's are float16)
+    }
+    top = dict(top)
+    if top.get("multimodal_projector_bias", True):
+        top.pop("multimodal_projector_bias", None)
+    config = {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "model_type": "llava_onevision",
+        **top,
+        "text_config": dict(sorted(text_hub.items())),
+        "torch_dtype": "float32",
+        "transformers_version": "4.45.0.dev0",
+        "use_image_newline_parameter": True,
+        "vision_config": dict(sorted({**vision, "model_type": "siglip_vision_model"}.items())),
+    }
+    return dict(sorted(config.items()))
+
+
+def _llava_onevision_image_processor_kwargs(vision: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """The fields of the hub preprocessor_config.json that differ from the class defaults (plus the grid)."""
+    return {
+        "image_grid_pinpoints": copy.deepcopy(top["image_grid_pinpoints"]),
+        "image_mean": LLAVA_ONEVISION_MEAN,
+        "image_std": LLAVA_ONEVISION_STD,
+        "size": {"height": vision["image_size"], "width": vision["image_size"]},
+    }
+
+
+def _llava_onevision_hub_preprocessor_json(vision: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """preprocessor_config.json of llava-onevision-qwen2-*-ov-hf (LlavaOnevisionImageProcessor, 4.45)."""
+    config = {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        **_llava_onevision_image_processor_kwargs(vision, top),
+        "image_processor_type": "LlavaOnevisionImageProcessor",
+        "processor_class": "LlavaOnevisionProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+    }
+    return dict(sorted(config.items()))
+
+
+def _llava_onevision_processor_fields(vision: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """The processor's own fields: tokens per crop (729 for 384/14) and the strategy, as the hub's
+    processor_config.json has them."""
+    side = vision["image_size"] // vision["patch_size"]
+    return {
+        "image_token": "<image>",
+        "num_image_tokens": side * side,
+        "processor_class": "LlavaOnevisionProcessor",
+        "video_token": "<video>",
+        "vision_feature_select_strategy": top["vision_feature_select_strategy"],
+    }
+
+
+def _rename_hub_vision_tower(out: Path) -> None:
+    """Rewrite a saved checkpoint's vision-tower tensor names into the hub's ``vision_tower.vision_model.*``.
+
+    transformers 5.24's SiglipVisionModel has no ``vision_model`` level: it strips that prefix on load
+    (``PrefixChange``) but saves ``vision_tower.embeddings...``; the llava-hf files (4.45) keep the level. The
+    other hub names (``language_model.model.*``, ``language_model.lm_head.weight``, ``multi_modal_projector.*``,
+    ``image_newline``) are what 5.24 writes anyway.
+    """
+    from safetensors.torch import load_file, save_file
+
+    def hub_name(key: str) -> str:
+        prefix = "vision_tower."
+        if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix) :]
+        return key
+
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {hub_name(k): v for k, v in data["weight_map"].items()}
+        _write_json(index, data)
+        files = sorted(set(data["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    for name in files:
+        tensors = load_file(out / name)
+        if any(hub_name(k) != k for k in tensors):
+            save_file({hub_name(k): v for k, v in tensors.items()}, out / name, metadata={"format": "pt"})
+
+
+def _redraw_llava_onevision_weights(model: Any, *, seed: int, gain: float, embed_std: float) -> None:
+    """Overwrite every parameter deterministically from ``seed``, in the scheme of :func:`_redraw_qwen3_vl_weights`.
+
+    RMSNorm / LayerNorm scales 1 + N(0, NORM_WEIGHT_STD), LayerNorm biases N(0, BIAS_STD); token embedding
+    (= the tied lm_head) N(0, embed_std); SigLIP's learned positions N(0, POS_EMBED_STD) (so a wrong position
+    table shows); ``image_newline`` N(0, IMAGE_NEWLINE_STD); other biases N(0, BIAS_STD); matrices and the
+    patch conv N(0, gain / sqrt(fan_in)); the text q_proj / k_proj weights and biases then times
+    LLAVA_ONEVISION_TEXT_QK_SCALE.
+    """
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            parts = name.split(".")
+            if any("norm" in part for part in parts[:-1]):
+                param.copy_(1.0 + NORM_WEIGHT_STD * noise if parts[-1] == "weight" else BIAS_STD * noise)
+            elif "embed_tokens" in parts:
+                param.copy_(embed_std * noise)
+            elif "position_embedding" in parts:
+                param.copy_(POS_EMBED_STD * noise)
+            elif parts[-1] == "image_newline":
+                param.copy_(IMAGE_NEWLINE_STD * noise)
+            elif param.ndim == 1:
+                param.copy_(BIAS_STD * noise)
+            else:
+                fan_in = param[0].numel()
+                param.copy_(gain / math.sqrt(fan_in) * noise)
+            if "language_model" in parts and ("q_proj" in parts or "k_proj" in parts):
+                param.mul_(LLAVA_ONEVISION_TEXT_QK_SCALE)
+
+
+def build_tiny_llava_onevision(
+    out_dir: str | Path,
+    *,
+    layout: Layout = "hub",
+    seed: int = 0,
+    weight_gain: float = DEFAULT_WEIGHT_GAIN,
+    embed_std: float = DEFAULT_EMBED_STD,
+    max_shard_size: str | None = None,
+    check_greedy: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Build a tiny random-weight LLaVA-OneVision checkpoint in ``out_dir`` and return its path.
+
+    Real architecture and geometry (SigLIP 384/14 crops = 729 tokens, 36 anyres_max_9 pinpoints, full patch
+    grid of the last layer, GELU projector, learned ``image_newline``), real tokenizer / token ids / chat
+    template / preprocessing of llava-hf/llava-onevision-qwen2-*-ov-hf, ~10M random parameters (most of them
+    the 152000 x 64 tied embedding).
+
+    Files written with ``layout="hub"`` (as in the llava-hf repos, converted with transformers 4.45):
+      ``config.json`` (nested, ``rope_theta`` flat in ``text_config``, ``use_image_newline_parameter``),
+      ``generation_config.json`` (bos/eos only), ``model-0000X-of-0000N.safetensors`` +
+      ``model.safetensors.index.json`` (sharded at 20MB unless ``max_shard_size`` says otherwise; hub tensor
+      names ``language_model.model.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
+      ``image_newline``), ``tokenizer.json`` + ``tokenizer_config.json`` (Qwen2-Instruct + ``<image>`` 151646 /
+      ``<video>`` 151647, with the chat template), ``chat_template.json``, ``preprocessor_config.json``
+      (``LlavaOnevisionImageProcessor``: 384x384, mean/std 0.5, bicubic, ``do_pad``, the pinpoints) and
+      ``processor_config.json`` (``num_image_tokens`` 729, ``vision_feature_select_strategy`` "full", tokens).
+    Files written with ``layout="v5"`` (transformers 5.24 ``save_pretrained`` of model + processor):
+      ``config.json`` (``rope_parameters``), ``generation_config.json``, ``model.safetensors`` (single file
+      unless ``max_shard_size``; vision names without ``vision_model.``), ``tokenizer.json``,
+      ``tokenizer_config.json``, ``chat_template.jinja`` and ``processor_config.json`` (nested
+      ``image_processor`` and ``video_processor``; written by hand: the processor cannot be built without
+      torchvision).
+
+    ``overrides`` are config fields (see :func:`tiny_llava_onevision_config_dicts`); e.g.
+    ``vision_config={"image_size": 192}`` shrinks crops to 13x13 tokens with the pinpoints scaled to match.
+    With ``check_greedy`` a 12-token greedy text probe that repeats one token only logs a warning.
+    """
+    import torch
+    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    text, vision, top = tiny_llava_onevision_config_dicts(**copy.deepcopy(overrides))
+    config = tiny_llava_onevision_config(**copy.deepcopy(overrides))
+    model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
+    _redraw_llava_onevision_weights(model, seed=seed, gain=weight_gain, embed_std=embed_std)
+
+    if check_greedy:
+        probe = greedy_tokens(model, list(_probe_prompt_ids()), 12)
+        if len(set(probe)) == 1:
+            logger.warning("tiny llava_onevision (seed %d) greedily repeats token %d; try another seed", seed, probe[0])
+
+    shard = max_shard_size if max_shard_size is not None else ("20MB" if layout == "hub" else "50GB")
+    model.save_pretrained(out, max_shard_size=shard)
+
+    processor_fields = _llava_onevision_processor_fields(vision, top)
+    if layout == "hub":
+        _rename_hub_vision_tower(out)
+        _write_json(out / "config.json", _llava_onevision_hub_config_json(text, vision, top))
+        generation = {
+            "_from_model_config": True,
+            **LLAVA_ONEVISION_GENERATION_CONFIG,
+            "transformers_version": "4.45.0.dev0",
+        }
+        _write_json(out / "generation_config.json", generation)
+        write_llava_onevision_tokenizer(out, chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
+        _write_json(out / "chat_template.json", {"chat_template": LLAVA_ONEVISION_CHAT_TEMPLATE})
+        _write_json(out / "preprocessor_config.json", _llava_onevision_hub_preprocessor_json(vision, top))
+        _write_json(out / "processor_config.json", processor_fields)
+    else:
+        from transformers import AutoTokenizer
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor,
+        )
+
+        GenerationConfig(**LLAVA_ONEVISION_GENERATION_CONFIG).save_pretrained(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_llava_onevision_tokenizer(tmp, chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+            tokenizer.save_pretrained(out)  # also writes chat_template.jinja
+        kwargs = _llava_onevision_image_processor_kwargs(vision, top)
+        image_processor = LlavaOnevisionImageProcessorPil(**kwargs)
+        # The video processor can be built (not run) without torchvision: to_dict() is the real one.
+        video_kwargs = {k: v for k, v in kwargs.items() if k != "image_grid_pinpoints"}
+        video_processor = LlavaOnevisionVideoProcessor(**video_kwargs)
+        processor = {
+            **processor_fields,
+            "image_processor": image_processor.to_dict(),
+            "video_processor": video_processor.to_dict(),
+            "vision_aspect_ratio": top["vision_aspect_ratio"],
+        }
+        for sub in ("image_processor", "video_processor"):
+            processor[sub].pop("processor_class", None)
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+        if not (out / "chat_template.jinja").is_file():
+            (out / "chat_template.jinja").write_text(LLAVA_ONEVISION_CHAT_TEMPLATE, encoding="utf-8")
+
+    logger.info(
+        "built tiny llava_onevision (layout=%s, seed=%d, %.1fM params) in %s in %.1fs: %s",
+        layout,
+        seed,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        out,
+        time.perf_counter() - t0,
+        ", ".join(sorted(p.name for p in out.iterdir())),
+    )
+    return out
+
+
 #: family name -> builder; the CLI and fixtures look builders up here.
 TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
     "qwen3_vl_moe": build_tiny_qwen3_vl_moe,
+    "llava_onevision": build_tiny_llava_onevision,
 }
 
 

@@ -49,7 +49,10 @@ class RuntimeFamily(Protocol):
         """Token id that stands for one visual embedding row of `kind` ('image' or 'video')."""
         ...
 
-    def encode_media(self, items: list[MediaItem]) -> VisualBatch: ...
+    def encode_media(self, items: list[MediaItem], per_conversation: list[int]) -> VisualBatch:
+        """Preprocess all media of a batch; `per_conversation` says how many items each conversation holds
+        (LLaVA-OneVision treats a conversation with several images differently from one with a single image)."""
+        ...
 
     def expand_placeholders(
         self, text: str, items: list[MediaItem], visual: VisualBatch, offset: int, token_text: dict[str, str]
@@ -65,6 +68,11 @@ class RuntimeFamily(Protocol):
         ...
 
     def decode_positions(self, attention_mask: np.ndarray, state: Any, num_new: int) -> np.ndarray: ...
+
+    def postprocess_vision(self, outputs: dict[str, np.ndarray], visual: VisualBatch) -> dict[str, np.ndarray]:
+        """Host-side work between the vision graph and the embedding merge; must leave `visual_embeds` with one
+        row per placeholder token, in order (LLaVA-OneVision packs its crops here)."""
+        ...
 
     def decoder_feeds(self, input_ids: np.ndarray, vision_outputs: dict[str, np.ndarray] | None) -> dict[str, Any]:
         """Decoder inputs beyond embeddings, positions, mask and cache (none for most families). `input_ids` are
@@ -84,6 +92,7 @@ def register_runtime_family(name: str):
 
 
 def runtime_family_for(manifest: Manifest, folder: Path) -> RuntimeFamily:
+    from vlm_export.runtime.families.llava_onevision import family as _llava  # noqa: F401  (registers)
     from vlm_export.runtime.families.qwen2_vl import family as _qwen2_vl  # noqa: F401  (registers)
     from vlm_export.runtime.families.qwen3_vl import family as _qwen3_vl  # noqa: F401  (registers)
 

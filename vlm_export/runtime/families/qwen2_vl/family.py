@@ -61,7 +61,7 @@ class Qwen2_5_VLRuntime:
     def placeholder_token(self, kind: str) -> int:
         return int(self.tokens[f"{kind}_token_id"])
 
-    def encode_media(self, items: list[MediaItem]) -> VisualBatch:
+    def encode_media(self, items: list[MediaItem], per_conversation: list[int]) -> VisualBatch:
         if not items:
             return VisualBatch(feeds={}, token_counts=[], kinds=[])
         videos = [item for item in items if item.kind == "video"]
@@ -121,6 +121,9 @@ class Qwen2_5_VLRuntime:
 
     def decode_positions(self, attention_mask: np.ndarray, state: Any, num_new: int) -> np.ndarray:
         return decode_position_ids(attention_mask, state, num_new)
+
+    def postprocess_vision(self, outputs: dict[str, np.ndarray], visual: VisualBatch) -> dict[str, np.ndarray]:
+        return outputs
 
     def decoder_feeds(self, input_ids: np.ndarray, vision_outputs: dict[str, np.ndarray] | None) -> dict[str, Any]:
         return {}

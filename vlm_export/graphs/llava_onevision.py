@@ -1,0 +1,136 @@
+"""LLaVA-OneVision: SigLIP tower + projector per 384x384 crop, embedding merge, Qwen2 decoder with 1D RoPE.
+
+The vision graph maps a dynamic number of crops to per-crop projected features `[crops, tokens, H]`. Packing
+(anyres grid, unpadding to the original aspect ratio, the anyres_max_9 bilinear downscale, `image_newline`
+columns, base-crop tokens first) depends on every image's size, so it runs on the host in numpy
+(`runtime.families.llava_onevision.packing`); `image_newline` is written beside the graphs as a .npy file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export import Dim
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from vlm_export.graphs.decoder import DecoderWithCache, decoder_spec
+from vlm_export.graphs.embedding import embedding_spec
+from vlm_export.graphs.registry import GraphSpec, register_graph_family
+from vlm_export.runtime.families.llava_onevision.packing import LlavaPackingConfig
+from vlm_export.runtime.families.llava_onevision.preprocess import LlavaOnevisionImageConfig
+
+IMAGE_NEWLINE_FILE = "image_newline.npy"
+
+
+class LlavaCropEncoder(nn.Module):
+    """Crops [n, 3, S, S] -> projected features [n, tokens_per_crop, H] (the configured layer and strategy)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        config = model.config
+        self.feature_layer = config.vision_feature_layer
+        self.select_strategy = config.vision_feature_select_strategy
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        if isinstance(self.feature_layer, int):
+            selected = outputs.hidden_states[self.feature_layer]
+        else:
+            selected = torch.cat([outputs.hidden_states[i] for i in self.feature_layer], dim=-1)
+        if self.select_strategy == "default":
+            selected = selected[:, 1:]
+        return self.projector(selected)
+
+
+class LlavaOnevisionGraphs:
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+
+    def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
+        )
+        return model.eval()
+
+    def _vision_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
+        size = model.config.vision_config.image_size
+        generator = torch.Generator().manual_seed(0)
+
+        def crops(n: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": torch.randn(n, 3, size, size, generator=generator).to(dtype)}
+
+        module = LlavaCropEncoder(model)
+
+        def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            # transformers' own path up to (not including) packing: tower, layer selection, projector
+            inner = model.model
+            out = inner.vision_tower(feeds["pixel_values"], output_hidden_states=True, return_dict=True)
+            layer = model.config.vision_feature_layer
+            selected = (
+                out.hidden_states[layer]
+                if isinstance(layer, int)
+                else torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+            )
+            if model.config.vision_feature_select_strategy == "default":
+                selected = selected[:, 1:]
+            return [inner.multi_modal_projector(selected)]
+
+        return GraphSpec(
+            name="vision_encoder",
+            module=module,
+            input_names=["pixel_values"],
+            output_names=["crop_features"],
+            example_args=(crops(2)["pixel_values"],),
+            dynamic_shapes=({0: Dim("num_crops")},),
+            verify_feeds=[crops(3), crops(1)],
+            reference=reference,
+            tolerance=1e-4 if dtype == torch.float32 else 5e-2,
+            input_axes={"pixel_values": {0: "num_crops"}},
+            output_axes={"crop_features": {0: "num_crops"}},
+        )
+
+    def graph_specs(self, model: nn.Module, dtype: torch.dtype) -> list[GraphSpec]:
+        config = model.config
+        text = model.model.language_model
+        return [
+            self._vision_spec(model, dtype),
+            embedding_spec(text.embed_tokens, config.image_token_id, config.video_token_id, dtype),
+            decoder_spec(DecoderWithCache(text, model.lm_head), text, model.lm_head, dtype, position_rank=2),
+        ]
+
+    def write_assets(self, model: nn.Module, folder: Path) -> dict[str, str]:
+        newline = model.model.image_newline.detach().float().numpy().astype(np.float32)
+        np.save(folder / IMAGE_NEWLINE_FILE, newline)
+        return {"image_newline": IMAGE_NEWLINE_FILE}
+
+    def manifest_section(self, model: nn.Module, image_processor: dict[str, Any]) -> dict[str, Any]:
+        config = model.config
+        tc, vc = config.text_config, config.vision_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return {
+            "preprocessing": LlavaOnevisionImageConfig.from_processor_dict(image_processor).to_dict(),
+            "tokens": {"image_token_id": config.image_token_id, "video_token_id": config.video_token_id},
+            "text": {
+                "hidden_size": tc.hidden_size,
+                "num_layers": tc.num_hidden_layers,
+                "num_kv_heads": tc.num_key_value_heads,
+                "head_dim": head_dim,
+                "vocab_size": tc.vocab_size,
+                "max_position_embeddings": tc.max_position_embeddings,
+                "position_ids_shape": ["batch", "sequence"],
+            },
+            "vision": {
+                "image_size": vc.image_size,
+                "patch_size": vc.patch_size,
+                "packing": LlavaPackingConfig.from_model_config(config.to_dict()).to_dict(),
+            },
+        }
+
+
+register_graph_family(LlavaOnevisionGraphs())
