@@ -234,4 +234,4 @@ def test_moe_routes_to_many_experts(family, hf, pipe, images):
     prompts, _ = pipe.prepare([_user("Write a haiku about rivers and mountains in the spring.")])
     usage = expert_usage(model, torch.tensor(prompts))
     assert usage and all(len(experts) >= 3 for experts in usage.values()), usage
-    assert json.loads((pipe.folder / "manifest.json").read_text())["text"]["moe_form"] == "batched_mm"
+    assert json.loads((pipe.folder / "manifest.json").read_text())["text"]["moe_form"] == "ort_moe"

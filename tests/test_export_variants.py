@@ -46,3 +46,28 @@ def test_float16_export_runs_on_cpu(tiny_qwen2_5_vl_dir, qwen2_5_vl_pipe, tmp_pa
     first32 = next(iter(qwen2_5_vl_pipe.generator.steps(prompts, visual, settings))).logits
     # fp16 rounding over 2 layers of a random model: agreement of the prefill logits within a loose bound
     assert np.abs(first16 - first32).max() < 0.1
+
+
+def test_moe_dense_form_for_tensorrt_gives_the_same_tokens(tiny_qwen3_vl_moe_dir, exported_qwen3_vl_moe, tmp_path):
+    """`--moe-form dense` (plain ONNX ops TensorRT parses) generates what the default ORT MoE kernel form does,
+    which test_e2e_parity holds equal to transformers."""
+    from vlm_export.exporter.cli import main
+    from vlm_export.runtime import VLMPipeline
+
+    out = tmp_path / "dense"
+    assert main(["--model", str(tiny_qwen3_vl_moe_dir), "--output", str(out), "--moe-form", "dense", "--quiet"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["text"]["moe_form"] == "dense"
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
+    dense = VLMPipeline.from_pretrained(out).generate(conversation, max_new_tokens=8, do_sample=False)
+    fused = VLMPipeline.from_pretrained(exported_qwen3_vl_moe).generate(conversation, max_new_tokens=8, do_sample=False)
+    assert dense.token_ids == fused.token_ids
+
+
+def test_moe_form_is_refused_for_dense_models(tiny_qwen2_5_vl_dir, tmp_path, capsys):
+    from vlm_export.exporter.cli import main
+
+    code = main(["--model", str(tiny_qwen2_5_vl_dir), "--output", str(tmp_path / "x"), "--moe-form", "dense"])
+    assert code == 1
+    assert "--moe-form applies to mixture-of-experts models" in capsys.readouterr().err

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="pixel budget per image; larger images are resized to fit (default: the processor's max_pixels)",
     )
+    parser.add_argument(
+        "--moe-form",
+        choices=["ort_moe", "dense", "batched_mm"],
+        help="how mixture-of-experts layers are exported (MoE models only; default ort_moe): ort_moe = ONNX "
+        "Runtime's fused MoE kernel (fastest on ONNX Runtime, not TensorRT); dense = every expert on every token "
+        "with plain ONNX ops (TensorRT-parsable); batched_mm = gathered expert weights (short inputs only)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
         "--allow-untested-transformers",
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             allow_untested_transformers=args.allow_untested_transformers,
             progress=not args.quiet,
+            moe_form=args.moe_form,
         )
     except VLMExportError as error:
         print(f"vlm-export: error: {error}", file=sys.stderr)

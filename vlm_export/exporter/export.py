@@ -99,6 +99,7 @@ def export_model(
     revision: str | None = None,
     allow_untested_transformers: bool = False,
     progress: bool = True,
+    moe_form: str | None = None,
 ) -> ExportResult:
     """Export `model` (folder or hub id) into `output`; returns the manifest written there."""
     if dtype not in DTYPES:
@@ -114,6 +115,11 @@ def export_model(
     output = Path(output).expanduser().resolve()
     model_dir = resolve_model_dir(model, revision)
     family = graph_family_for(read_model_type(model_dir))
+    options: dict[str, str] = {}
+    if moe_form is not None:
+        if "moe_form" not in getattr(family, "options", ()):
+            raise ExportError(f"--moe-form applies to mixture-of-experts models; {family.name} has no experts")
+        options["moe_form"] = moe_form
     image_processor = find_image_processor_config(model_dir)
     staging = _prepare_output(output, overwrite)
     seconds: dict[str, float] = {}
@@ -121,7 +127,7 @@ def export_model(
         steps = tqdm(total=8, desc="export", unit="step", disable=not progress, leave=False)
         steps.set_postfix_str(f"loading {model_dir.name}")
         start = time.perf_counter()
-        torch_model = family.load_model(model_dir, DTYPES[dtype])
+        torch_model = family.load_model(model_dir, DTYPES[dtype], **options)
         seconds["load"] = time.perf_counter() - start
         steps.update()
         graphs = {}

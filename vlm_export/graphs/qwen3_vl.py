@@ -9,8 +9,9 @@ Decoder: the shared `DecoderWithCache`, plus `visual_pos_masks [B,S]` and `deeps
 added to the hidden states of the first L_ds layers at visual positions (a gather, no boolean indexing: ONNX
 Runtime rejects the broadcast the latter exports to). Decode steps pass an all-false mask and 0 rows.
 
-MoE: the experts run as transformers' `batched_mm` implementation (exact, exports without baking in which
-experts an example hit); the form is recorded in the manifest.
+MoE: the experts export in the form `--moe-form` picks (graphs/moe.py: ONNX Runtime's fused MoE kernel by
+default, `dense` for TensorRT, `batched_mm`); none bakes in which experts the example hit, and the form is
+recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 
 from vlm_export.graphs.attention import vision_block_with_segments
 from vlm_export.graphs.decoder import DecoderWithCache, ExtraDecoderInputs, decoder_spec
+from vlm_export.graphs.moe import apply_moe_form, moe_form
 from vlm_export.graphs.qwen2_5_vl import Qwen2_5_VLGraphs
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.qwen3_vl.family import qwen3_vl_vision_feeds
 
 VISION_INPUTS = ["pixel_values", "position_ids", "interp_indices", "interp_weights", "segment_index", "row_position"]
-MOE_FORM = "batched_mm"
+DEFAULT_MOE_FORM = "ort_moe"  # the ONNX Runtime target; TensorRT needs "dense"
 
 
 class Qwen3VisionEncoder(nn.Module):
@@ -223,20 +225,23 @@ class Qwen3VLMoeGraphs(Qwen3VLGraphs):
     name = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)
     model_class = Qwen3VLMoeForConditionalGeneration
+    options = ("moe_form",)
 
-    def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    def load_model(self, model_dir: Path, dtype: torch.dtype, moe_form: str = DEFAULT_MOE_FORM) -> nn.Module:
         model = super().load_model(model_dir, dtype)
-        # grouped_mm and eager do not export (data-dependent expert loops); batched_mm runs every expert's
-        # weights as one batched matmul over the selected (token, expert) pairs and is exact.
-        model.set_experts_implementation(MOE_FORM)
+        apply_moe_form(model, moe_form)  # transformers' default grouped_mm does not export (see graphs/moe.py)
         return model
 
     def _text_extras(self, text_config: Any) -> dict[str, Any]:
         return {
-            "moe_form": MOE_FORM,
             "num_experts": text_config.num_experts,
             "num_experts_per_tok": text_config.num_experts_per_tok,
         }
+
+    def manifest_section(self, model: nn.Module, image_processor: dict[str, Any]) -> dict[str, Any]:
+        section = super().manifest_section(model, image_processor)
+        section["text"]["moe_form"] = moe_form(model)
+        return section
 
 
 register_graph_family(Qwen3VLGraphs())

@@ -45,7 +45,9 @@ class GraphFamily(Protocol):
     name: str
     model_types: Sequence[str]
 
-    def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module: ...
+    def load_model(self, model_dir: Path, dtype: torch.dtype, **options: str) -> nn.Module:
+        """Load for export; `options` are the export options the family lists in its `options` attribute."""
+        ...
 
     def graph_specs(self, model: nn.Module, dtype: torch.dtype) -> list[GraphSpec]: ...
 
