@@ -12,6 +12,8 @@ MODULES = [
     "vlm_export.runtime.cli",
     "vlm_export.runtime.generation",
     "vlm_export.runtime.families.qwen2_vl.family",
+    "vlm_export.runtime.families.qwen3_vl.family",
+    "vlm_export.runtime.families.llava_onevision.family",
     "vlm_export.runtime.backends.ort",
     "vlm_export.manifest",
 ]

@@ -17,6 +17,7 @@ from vlm_export.runtime.families.llava_onevision.packing import (
     pack_image_features,
 )
 from vlm_export.runtime.families.llava_onevision.preprocess import LlavaOnevisionImageConfig, preprocess_images
+from vlm_export.runtime.families.positions import text_positions
 from vlm_export.runtime.image_io import load_image
 
 
@@ -73,12 +74,10 @@ class LlavaOnevisionRuntime:
     def prefill_positions(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: VisualBatch
     ) -> tuple[np.ndarray, Any]:
-        positions = np.cumsum(attention_mask, axis=1, dtype=np.int64) - 1
-        return np.where(attention_mask == 0, 0, positions), None
+        return text_positions(attention_mask), None
 
     def decode_positions(self, attention_mask: np.ndarray, state: Any, num_new: int) -> np.ndarray:
-        positions = np.cumsum(attention_mask, axis=1, dtype=np.int64) - 1
-        return positions[:, -num_new:]
+        return text_positions(attention_mask)[:, -num_new:]
 
     def decoder_feeds(self, input_ids: np.ndarray, vision_outputs: dict[str, np.ndarray] | None) -> dict[str, Any]:
         return {}

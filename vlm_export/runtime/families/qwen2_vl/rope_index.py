@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from vlm_export.runtime.families.positions import decode_position_ids, prefill_with_deltas
+
 __all__ = ["decode_position_ids", "get_rope_index", "prefill_position_ids"]
 
 _TEXT, _IMAGE, _VIDEO = 0, 1, 2
@@ -138,14 +140,6 @@ def get_rope_index(
     return position_ids, deltas
 
 
-def _text_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """``cumsum(mask) - 1``, pads at 0: ``GenerationMixin._prepare_position_ids_for_generation``."""
-    mask = np.asarray(attention_mask).astype(np.int64)
-    positions = np.cumsum(mask, axis=-1) - 1
-    positions[mask == 0] = 0
-    return positions
-
-
 def prefill_position_ids(
     input_ids: np.ndarray,
     attention_mask: np.ndarray | None,
@@ -172,13 +166,10 @@ def prefill_position_ids(
     That needs the three axes to agree at the last column, which holds whenever the prompt ends in
     a text token (the processor always closes a vision span with ``<|vision_end|>``).
     """
-    ids = np.asarray(input_ids)
-    mask = np.ones(ids.shape, dtype=np.int64) if attention_mask is None else np.asarray(attention_mask)
-    if image_grid_thw is None and video_grid_thw is None:
-        position_ids = np.broadcast_to(_text_positions(mask), (3, *ids.shape)).copy()
-    else:
-        position_ids, _ = get_rope_index(
-            ids,
+    rope_positions = None
+    if image_grid_thw is not None or video_grid_thw is not None:
+        rope_positions, _ = get_rope_index(
+            np.asarray(input_ids),
             attention_mask,
             image_token_id=image_token_id,
             video_token_id=video_token_id,
@@ -188,29 +179,4 @@ def prefill_position_ids(
             spatial_merge_size=spatial_merge_size,
             tokens_per_second=tokens_per_second,
         )
-    last = position_ids[:, :, -1]
-    if not (last == last[:1]).all():
-        rows = np.flatnonzero((last != last[:1]).any(axis=0)).tolist()
-        raise ValueError(
-            f"prompt rows {rows} end in a vision token: generate would decode each M-RoPE axis from a "
-            "different position, which rope_deltas [B, 1] cannot express; end the prompt with text"
-        )
-    n_real = mask.astype(bool).sum(axis=-1)
-    rope_deltas = (last[0] - (n_real - 1)).astype(np.int64)[:, None]
-    return position_ids, rope_deltas
-
-
-def decode_position_ids(attention_mask: np.ndarray, rope_deltas: np.ndarray, num_new: int = 1) -> np.ndarray:
-    """Positions ``[3, B, num_new]`` that ``generate()`` feeds at a decode step.
-
-    ``attention_mask`` is the full ``[B, past + num_new]`` mask including the new tokens and
-    ``rope_deltas`` comes from ``prefill_position_ids``. Computes ``cumsum(mask) - 1 + delta`` on the
-    last ``num_new`` columns (same for the three axes), which equals generate's
-    ``previous_last_position + 1`` as the new tokens are always attended.
-    """
-    mask = np.asarray(attention_mask)
-    if mask.ndim != 2 or mask.shape[1] < num_new:
-        raise ValueError(f"attention_mask must be [B, past + {num_new}], got {mask.shape}")
-    positions = _text_positions(mask)[:, mask.shape[1] - num_new :]
-    deltas = np.asarray(rope_deltas, dtype=np.int64).reshape(-1, 1)
-    return np.broadcast_to(positions + deltas, (3, *positions.shape)).copy()
+    return prefill_with_deltas(rope_positions, input_ids, attention_mask)
