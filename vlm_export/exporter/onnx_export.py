@@ -32,12 +32,14 @@ _ONNX_TYPES = {
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of weights; views sharing a storage (e.g. re-laid MoE experts, tied embeddings) count once."""
     seen: set[int] = set()
     total = 0
     for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
 
 
