@@ -57,7 +57,7 @@ class Generator:
         self.present_names = [n for n in decoder.output_names() if n.startswith("present.")]
 
     # -- checks -------------------------------------------------------------------------------------
-    def _check_limits(self, prompts: list[list[int]], settings: GenerationSettings) -> None:
+    def _check_limits(self, prompts: list[list[int]]) -> None:
         limits = self.manifest.limits
         if limits.max_batch is not None and len(prompts) > limits.max_batch:
             raise InputError(
@@ -109,7 +109,7 @@ class Generator:
         self, prompts: list[list[int]], visual: VisualBatch, settings: GenerationSettings
     ) -> Iterator[StepEvent | GenerationOutput]:
         """Yield a `StepEvent` per generated position, then the `GenerationOutput`."""
-        self._check_limits(prompts, settings)
+        self._check_limits(prompts)
         batch = len(prompts)
         longest = max(len(p) for p in prompts)
         pad_id = settings.resolved_pad_token_id
