@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_export.runtime.families.positions import decode_position_ids, prefill_with_deltas
+from vlm_export.runtime.families.positions import (
+    decode_position_ids,
+    grid_rows,
+    mrope_positions,
+    prefill_with_deltas,
+)
 
 __all__ = ["decode_position_ids", "get_rope_index", "prefill_position_ids"]
-
-_TEXT, _IMAGE, _VIDEO = 0, 1, 2
-
-
-def _grids(grid_thw: np.ndarray | None, *, split_frames: bool) -> list[tuple[int, int, int]]:
-    """Grid rows in consumption order; videos become one ``(1, h, w)`` row per frame, as transformers does."""
-    if grid_thw is None:
-        return []
-    grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-    if split_frames:
-        grid = np.repeat(grid, grid[:, 0], axis=0)
-        grid[:, 0] = 1
-    return [(int(t), int(h), int(w)) for t, h, w in grid.tolist()]
 
 
 def get_rope_index(
@@ -53,59 +45,16 @@ def get_rope_index(
     run of consecutive image tokens, one video frame per run of video tokens. Padding gets position 0.
     ``rope_deltas = max(position) + 1 - n_real_tokens``. ``mm_token_type_ids`` is derived from the ids.
     """
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, S], got {ids.shape}")
-    batch, seq = ids.shape
-    mask = None if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask is not None and mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    types = np.where(ids == image_token_id, _IMAGE, np.where(ids == video_token_id, _VIDEO, _TEXT))
-    grids = {
-        _IMAGE: iter(_grids(image_grid_thw, split_frames=False)),
-        _VIDEO: iter(_grids(video_grid_thw, split_frames=True)),
-    }
-    m = int(spatial_merge_size)
-
-    position_ids = np.zeros((3, batch, seq), dtype=np.int64)
-    deltas = np.zeros((batch, 1), dtype=np.int64)
-    for b in range(batch):
-        row_types = types[b] if mask is None else types[b][mask[b]]
-        n = len(row_types)
-        if n == 0:
-            raise ValueError(f"batch row {b} has no attended tokens")
-        # Runs of equal token type, as itertools.groupby in transformers.
-        bounds = np.flatnonzero(np.diff(row_types)) + 1
-        starts = [0, *bounds.tolist()]
-        ends = [*bounds.tolist(), n]
-        row = np.empty((3, n), dtype=np.int64)
-        pos = 0
-        for start, end in zip(starts, ends, strict=True):
-            kind = int(row_types[start])
-            if kind == _TEXT:
-                row[:, start:end] = np.arange(pos, pos + end - start, dtype=np.int64)
-                pos += end - start
-                continue
-            name = "image" if kind == _IMAGE else "video frame"
-            grid = next(grids[kind], None)
-            if grid is None:
-                raise ValueError(f"more {name} token runs than {name}s in the grids (batch row {b})")
-            lt, lh, lw = grid[0], grid[1] // m, grid[2] // m
-            if lt * lh * lw != end - start:
-                raise ValueError(
-                    f"{name} run of {end - start} tokens in batch row {b} does not match grid {grid} "
-                    f"({lt * lh * lw} tokens); adjacent {name}s must be separated by a text token"
-                )
-            row[0, start:end] = np.repeat(np.arange(lt, dtype=np.int64), lh * lw) + pos
-            row[1, start:end] = np.tile(np.repeat(np.arange(lh, dtype=np.int64), lw), lt) + pos
-            row[2, start:end] = np.tile(np.arange(lw, dtype=np.int64), lt * lh) + pos
-            pos += max(lh, lw)
-        if mask is None:
-            position_ids[:, b] = row
-        else:
-            position_ids[:, b, mask[b]] = row
-        deltas[b, 0] = row.max() + 1 - n
-    return position_ids, deltas
+    return mrope_positions(
+        input_ids,
+        attention_mask,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        image_grids=grid_rows(image_grid_thw),
+        video_grids=grid_rows(video_grid_thw, split_frames=True),
+        spatial_merge_size=spatial_merge_size,
+        video_name="video frame",
+    )
 
 
 def prefill_position_ids(
