@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt torch
+.venv/bin/python -m pip install -q -c constraints.txt torch torchvision
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[export,dev]"
