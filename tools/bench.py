@@ -31,6 +31,17 @@ of 5, read + write bytes) divided by the bytes one decode step must read: every 
 full lm_head, or the tied embedding matrix used as lm_head; only the looked-up embedding rows otherwise)
 plus the KV cache at the mean context length. ours/roofline is our fraction of that bound.
 
+Quantized exports (`vlm-export --quantize int4`, or --export --quantize int4 here) are benchmarked like any
+other: pass the float32 export as --baseline-onnx and add the sides ``baseline`` (our runtime on it, a third
+column) and ``agreement`` (teacher-forced top-1 / top-5 agreement of onnx_dir with the baseline over
+--new-tokens positions, text and 1-image prompts; see vlm_export/exporter/agreement.py). Its roofline counts
+the decoder graph's bytes as stored (int4 at ~0.56 bytes per weight with block 32 scales and zero points).
+With other processes on the machine, use --rounds N: the sides run interleaved N times and each measurement
+is the median of the rounds' medians.
+
+    python tools/bench.py m m-int4 --export --quantize int4 --baseline-onnx m-onnx \
+        --sides ours,baseline,transformers,agreement --rounds 3 --json int4.json
+
 Needs the ``export`` extra (torch, transformers) for the transformers side and --export.
 """
 
@@ -364,76 +375,155 @@ def _value(side: dict[str, Any], key: str) -> float | None:
     return value["median"] if isinstance(value, dict) else value
 
 
-def run_child(side: str, args: argparse.Namespace, inputs_file: Path, work: Path) -> dict[str, Any]:
-    """Run one side in a fresh interpreter with the thread settings in its environment."""
-    out = work / f"{side}.json"
+def export_decode_bytes(onnx_dir: Path, batch: int, context: float) -> dict[str, float]:
+    """Bytes one decode step of an export reads: its decoder graph files (weights as stored, so int4/int8 count
+    at their packed size; the lm_head is in the decoder) + the float32 KV cache at ``context`` tokens."""
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    file = manifest["graphs"]["decoder"]["file"]
+    weights = sum(p.stat().st_size for p in onnx_dir.glob(file + "*"))
+    text = manifest["text"]
+    kv = batch * int(text["num_layers"]) * 2 * int(text["num_kv_heads"]) * int(text["head_dim"]) * context * 4
+    return {"weights_bytes": weights, "kv_bytes": kv, "total_bytes": weights + kv}
+
+
+def child_agreement(onnx_dir: Path, baseline: Path, inputs: dict[str, Any], args: argparse.Namespace) -> dict:
+    """Teacher-forced agreement of onnx_dir with baseline (e.g. int4 vs fp32) on the text and 1-image prompts."""
+    from vlm_export.exporter.agreement import top1_agreement
+    from vlm_export.runtime import VLMPipeline
+
+    reference = VLMPipeline.from_pretrained(baseline, backend="ort-cpu")
+    candidate = VLMPipeline.from_pretrained(onnx_dir, backend="ort-cpu")
+    result: dict[str, Any] = {}
+    for name, images in (("text", []), ("image", inputs["images"][:1])):
+        conversation = _conversation(inputs["text"], images)
+        result[name] = top1_agreement(reference, candidate, [conversation], args.new_tokens).to_dict()
+    return result
+
+
+def run_child(side: str, args: argparse.Namespace, inputs_file: Path, work: Path, tag: str = "") -> dict[str, Any]:
+    """Run one side in a fresh interpreter with the thread settings in its environment.
+
+    Sides: ``ours`` (our runtime on onnx_dir), ``baseline`` (our runtime on --baseline-onnx), ``transformers``,
+    ``agreement`` (onnx_dir vs --baseline-onnx, teacher forced).
+    """
+    out = work / f"{side}{tag}.json"
     env = {**os.environ, "VLM_EXPORT_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, __file__, str(args.model_dir), str(args.onnx_dir), "--child", side]
+    onnx_dir = args.baseline_onnx if side == "baseline" else args.onnx_dir
+    child = "ours" if side == "baseline" else side
+    command = [sys.executable, __file__, str(args.model_dir), str(onnx_dir), "--child", child]
     command += ["--inputs", str(inputs_file), "--child-out", str(out), "--threads", str(args.threads)]
     command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens), "--measure", args.measure]
-    print(f"running {side} ...", flush=True)
+    if args.baseline_onnx is not None:
+        command += ["--baseline-onnx", str(args.baseline_onnx)]
+    print(f"running {side}{tag} ...", flush=True)
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     subprocess.run(command, env=env, check=True)
-    print(f"  {side} done in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"  {side}{tag} done in {time.perf_counter() - start:.0f} s", flush=True)
     result = json.loads(out.read_text())
     # 1-minute load average around the run: above --threads means another process shared the cores
     result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
     return result
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's result over interleaved rounds: per measurement, the median of the rounds' medians."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged: dict[str, Any] = {"rounds": rounds}
+    for key, value in rounds[0].items():
+        if isinstance(value, dict) and "median" in value:
+            medians = [r[key]["median"] for r in rounds]
+            busy = [x for r in rounds for x in r[key]["cores_busy"]]
+            merged[key] = {"median": statistics.median(medians), "runs": medians, "cores_busy": busy}
+        elif key in ("peak_rss_mib", "rss_after_load_mib"):
+            merged[key] = statistics.median(r[key] for r in rounds)
+        elif key == "loadavg_1min":
+            merged[key] = [min(r[key][0] for r in rounds), max(r[key][1] for r in rounds)]
+        else:
+            merged[key] = value
+    return merged
+
+
+SIDE_LABELS = {"ours": "ours", "baseline": "baseline", "transformers": "transformers"}
+
+
 def print_report(report: dict[str, Any]) -> None:
-    ours, hf = report["ours"], report["transformers"]
+    sides = [s for s in ("ours", "baseline", "transformers") if s in report]
     print(f"\n{report['model_dir']}  ({report['threads']} threads, {os.cpu_count()} CPUs)")
-    print(
-        f"prompt tokens: ours {ours['prompt_tokens']}, transformers {hf['prompt_tokens']}; {report['new_tokens']} new"
-    )
-    for side in ("ours", "transformers"):
+    print(f"ours: {report['onnx_dir']}" + (f"; baseline: {report['baseline_onnx']}" if "baseline" in report else ""))
+    counts = ", ".join(f"{s} {report[s].get('prompt_tokens')}" for s in sides)
+    print(f"prompt tokens: {counts}; {report['new_tokens']} new; {report.get('rounds', 1)} interleaved round(s)")
+    for side in sides:
         before, after = report[side].get("loadavg_1min", (0.0, 0.0))
         if max(before, after) > report["threads"] + 0.5:
             print(f"warning: load average {before:.1f} / {after:.1f} around the {side} run: cores were shared")
-    print(f"{'':<28}{'ours':>12}{'transformers':>14}{'ours better by':>16}")
+    others = [s for s in sides if s != "ours"]
+    header = f"{'':<28}" + "".join(f"{SIDE_LABELS[s]:>14}" for s in sides)
+    header += "".join(f"{'ours vs ' + s:>22}" for s in others if "ours" in sides)
+    print(header)
     for key, label, unit, higher in ROWS:
-        a, b = _value(ours, key), _value(hf, key)
-        if a is None or b is None:
+        values = {s: _value(report[s], key) for s in sides}
+        if all(v is None for v in values.values()):
             continue
-        ratio = a / b if higher else b / a
-        print(f"{label + ' (' + unit + ')':<28}{a:>12.3f}{b:>14.3f}{ratio:>15.2f}x")
+        line = f"{label + ' (' + unit + ')':<28}"
+        line += "".join(f"{values[s]:>14.3f}" if values[s] is not None else f"{'-':>14}" for s in sides)
+        for s in others:
+            a, b = values.get("ours"), values[s]
+            if a is None or b is None:
+                line += f"{'-':>22}"
+            else:
+                line += f"{(a / b if higher else b / a):>21.2f}x"
+        print(line)
     busy = []
-    for side in (ours, hf):
-        runs = [v["cores_busy"] for v in side.values() if isinstance(v, dict) and "cores_busy" in v]
-        busy.append(statistics.mean(x for r in runs for x in r) if runs else float("nan"))
-    print(f"mean cores busy in timed runs: ours {busy[0]:.2f}, transformers {busy[1]:.2f} (of {report['threads']})")
-    same = 0
-    for x, y in zip(ours.get("decode_tokens", []), hf.get("decode_tokens", []), strict=False):
-        if x != y:
-            break
-        same += 1
-    if "decode_tokens" in ours:
-        print(f"greedy batch-1 tokens agree for the first {same} of {len(ours['decode_tokens'])}")
+    for s in sides:
+        runs = [v["cores_busy"] for v in report[s].values() if isinstance(v, dict) and "cores_busy" in v]
+        busy.append(f"{s} {statistics.mean(x for r in runs for x in r):.2f}" if runs else f"{s} -")
+    print(f"mean cores busy in timed runs: {', '.join(busy)} (of {report['threads']})")
+    for s in others:
+        same = 0
+        mine, theirs = report.get("ours", {}).get("decode_tokens", []), report[s].get("decode_tokens", [])
+        for x, y in zip(mine, theirs, strict=False):
+            if x != y:
+                break
+            same += 1
+        if mine and theirs:
+            print(f"greedy batch-1 tokens of ours and {s} agree for the first {same} of {len(mine)}")
+    if "agreement" in report:
+        for name, a in report["agreement"].items():
+            print(
+                f"teacher-forced agreement ours vs baseline, {name} prompt: top-1 {a['top1']:.3f}, top-5 "
+                f"{a['top5']:.3f} over {a['positions']} tokens; logit error rms {a['relative_logit_rms']:.3f} of "
+                f"the logits' spread (max abs {a['max_abs_logit_diff']:.3f})"
+            )
     roof = report["roofline"]
     print(f"\nmemory bandwidth (numpy copy, {report['threads']} threads): {roof['bandwidth_gb_s']:.1f} GB/s")
     for batch in (1, 4):
-        r = roof[f"b{batch}"]
-        measured = _value(ours, f"decode_b{batch}_tok_s")
-        if measured is None:
-            continue
-        print(
-            f"decode roofline batch {batch}: {r['total_bytes'] / 1e6:.0f} MB/step "
-            f"(weights {r['weights_bytes'] / 1e6:.0f} + KV {r['kv_bytes'] / 1e6:.1f}) -> "
-            f"{r['tok_s']:.1f} tok/s; ours {measured:.1f} = {measured / r['tok_s']:.0%}, "
-            f"transformers {_value(hf, f'decode_b{batch}_tok_s'):.1f}"
-        )
+        for s in sides:
+            r = roof.get(f"{s}_b{batch}") or (roof.get(f"b{batch}") if s == "transformers" else None)
+            measured = _value(report[s], f"decode_b{batch}_tok_s")
+            if r is None or measured is None:
+                continue
+            print(
+                f"decode roofline batch {batch}, {s}: {r['total_bytes'] / 1e6:.0f} MB/step "
+                f"(weights {r['weights_bytes'] / 1e6:.0f} + KV {r['kv_bytes'] / 1e6:.1f}) -> "
+                f"{r['tok_s']:.1f} tok/s; measured {measured:.1f} = {measured / r['tok_s']:.0%}"
+            )
 
 
 def export(args: argparse.Namespace) -> None:
     """Export in a child process so the exporter's memory is gone before anything is timed."""
     code = (
         "import sys; from vlm_export.exporter.export import export_model; "
-        "export_model(sys.argv[1], sys.argv[2], overwrite=True, progress=False)"
+        "from vlm_export.exporter.quantize import QuantizeConfig; "
+        "q = None if sys.argv[3] == 'none' else QuantizeConfig(scheme=sys.argv[3], block_size=int(sys.argv[4]), "
+        "accuracy_level=int(sys.argv[5]), graphs=tuple(sys.argv[6].split(','))); "
+        "export_model(sys.argv[1], sys.argv[2], overwrite=True, progress=False, quantize=q)"
     )
-    print(f"exporting {args.model_dir} -> {args.onnx_dir} ...", flush=True)
+    print(f"exporting {args.model_dir} -> {args.onnx_dir} (quantize {args.quantize}) ...", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(args.model_dir), str(args.onnx_dir)], check=True)
+    command = [sys.executable, "-c", code, str(args.model_dir), str(args.onnx_dir), args.quantize]
+    command += [str(args.quant_block_size), str(args.quant_accuracy_level), args.quant_graphs]
+    subprocess.run(command, check=True)
     print(f"  export done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -449,20 +539,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("onnx_dir", type=Path, nargs="?", help="vlm-export output folder of that model")
     parser.add_argument("--export", action="store_true", help="export model_dir into onnx_dir first (overwrites)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int4", "int8"),
+        default="none",
+        help="with --export: quantize as `vlm-export --quantize` does (default none)",
+    )
+    parser.add_argument("--quant-block-size", type=int, default=32, help="with --quantize (default 32)")
+    parser.add_argument("--quant-accuracy-level", type=int, default=4, help="with --quantize (default 4)")
+    parser.add_argument(
+        "--quant-graphs", default="decoder,embedding", help="with --quantize (default decoder,embedding)"
+    )
+    parser.add_argument(
+        "--baseline-onnx",
+        type=Path,
+        help="a second export of the same model (e.g. the float32 one) to run as side 'baseline' with our runtime, "
+        "and to measure the teacher-forced agreement of onnx_dir against (side 'agreement')",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run all sides this many times, interleaved (A B C A B C ...); each measurement is the median of the "
+        "rounds' medians, so a neighbour that takes the cores during one round moves the result less (default 1)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (default 3)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (default 64)")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="templated text prompt length (default 64)")
     parser.add_argument("--image-size", type=int, default=448, help="side of the square test images (default 448)")
     parser.add_argument(
-        "--sides", default="ours,transformers", help="comma-separated sides to run (default ours,transformers)"
+        "--sides",
+        default="ours,transformers",
+        help="comma-separated sides to run: ours, baseline, transformers, agreement (default ours,transformers; "
+        "baseline and agreement need --baseline-onnx)",
     )
     parser.add_argument(
         "--measure", default="ttft,vision,decode", help="comma-separated groups to run (default ttft,vision,decode)"
     )
     parser.add_argument("--json", type=Path, help="write the full report (all runs) to this file")
     parser.add_argument("--show", action="store_true", help="print the table of an existing --json report; run nothing")
-    parser.add_argument("--child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("ours", "transformers", "agreement"), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -474,11 +591,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir is None or args.onnx_dir is None:
         parser.error("model_dir and onnx_dir are required (unless --show)")
     args.model_dir, args.onnx_dir = args.model_dir.resolve(), args.onnx_dir.resolve()
+    sides = args.sides.split(",")
+    if {"baseline", "agreement"} & set(sides) and args.baseline_onnx is None:
+        parser.error("sides baseline / agreement need --baseline-onnx DIR")
+    if args.baseline_onnx is not None:
+        args.baseline_onnx = args.baseline_onnx.resolve()
 
     if args.child:
         inputs = json.loads(args.inputs.read_text())
         if args.child == "ours":
             result = child_ours(args.onnx_dir, inputs, args)
+        elif args.child == "agreement":
+            result = child_agreement(args.onnx_dir, args.baseline_onnx, inputs, args)
         else:
             result = child_transformers(args.model_dir, inputs, args)
         args.child_out.write_text(json.dumps(result, indent=2))
@@ -489,18 +613,28 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "model_dir": str(args.model_dir),
         "onnx_dir": str(args.onnx_dir),
+        "baseline_onnx": str(args.baseline_onnx) if args.baseline_onnx else None,
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "rounds": args.rounds,
     }
+    timed = [s for s in sides if s != "agreement"]
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         work = Path(tmp)
         inputs = write_inputs(args.model_dir, work, args.prompt_tokens, args.image_size)
         inputs_file = work / "inputs.json"
         inputs_file.write_text(json.dumps(inputs))
-        for side in args.sides.split(","):
-            report[side] = run_child(side, args, inputs_file, work)
+        results: dict[str, list[dict[str, Any]]] = {side: [] for side in timed}
+        for index in range(args.rounds):
+            for side in timed:
+                results[side].append(run_child(side, args, inputs_file, work, f"-{index}" if args.rounds > 1 else ""))
+        for side in timed:
+            report[side] = merge_rounds(results[side])
+        if "agreement" in sides:
+            report["agreement"] = run_child("agreement", args, inputs_file, work)
+            report["agreement"].pop("loadavg_1min", None)
     bandwidth = memory_bandwidth(args.threads)
     roofline: dict[str, Any] = {"bandwidth_gb_s": bandwidth / 1e9}
     context = report.get("ours", report.get("transformers", {})).get("prompt_tokens", args.prompt_tokens)
@@ -508,10 +642,15 @@ def main(argv: list[str] | None = None) -> int:
         r = decode_bytes(args.model_dir, batch, context + args.new_tokens / 2)
         r["tok_s"] = batch * bandwidth / r["total_bytes"]
         roofline[f"b{batch}"] = r
+        for side, folder in (("ours", args.onnx_dir), ("baseline", args.baseline_onnx)):
+            if side in report:
+                r = export_decode_bytes(folder, batch, context + args.new_tokens / 2)
+                r["tok_s"] = batch * bandwidth / r["total_bytes"]
+                roofline[f"{side}_b{batch}"] = r
     report["roofline"] = roofline
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    if "ours" in report and "transformers" in report:
+    if len([s for s in ("ours", "baseline", "transformers") if s in report]) >= 2:
         print_report(report)
     else:
         print(json.dumps(report, indent=2))

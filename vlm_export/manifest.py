@@ -67,6 +67,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     # Anything a later stage (engine build) adds, e.g. TensorRT engine metadata.
     engines: dict[str, Any] = field(default_factory=dict)
+    # Weight-only quantization applied after export (scheme, bits, block size, accuracy level, graphs, agreement
+    # with fp32); empty = the graphs hold the exported dtype's weights.
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

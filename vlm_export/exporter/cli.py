@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 from vlm_export.errors import VLMExportError
+from vlm_export.exporter.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, DEFAULT_GRAPHS
 
 EPILOG = """\
 examples:
   vlm-export --model Qwen/Qwen2.5-VL-3B-Instruct --output out/qwen25vl
   vlm-export --model ./my-local-model --output out/m --dtype float16 --overwrite
   vlm-run out/qwen25vl --image cat.jpg --prompt "Describe it."
+  vlm-export --model Qwen/Qwen2.5-VL-7B-Instruct --output out/q7 --engine trt --dtype float16 --max-batch 2
+  vlm-export build-engines out/q7      # (re)build TensorRT engines on the target machine; see --help there
 
 The output folder holds vision_encoder.onnx, embedding.onnx, decoder.onnx, manifest.json (the contract the
 runtime reads), tokenizer.json, chat_template.jinja and the processor/generation configs. Each graph is run in
@@ -59,6 +62,49 @@ def build_parser() -> argparse.ArgumentParser:
         "Runtime's fused MoE kernel (fastest on ONNX Runtime, not TensorRT); dense = every expert on every token "
         "with plain ONNX ops (TensorRT-parsable); batched_mm = gathered expert weights (short inputs only)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["trt"],
+        help="also build TensorRT engines on this machine after the export (needs tensorrt + polygraphy; "
+        "`vlm-export build-engines DIR` does the same later, e.g. on a Jetson)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        help="with --engine trt: images per request over the whole batch the vision engine accepts (default 4)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int4", "int8"],
+        default="none",
+        help="weight-only block-wise quantization for CPU after the float32 export is verified (default none): "
+        "int4/int8 weights in ONNX Runtime's MatMulNBits (and GatherBlockQuantized for the int4 embedding "
+        "table), float32 activations; not exact, so the teacher-forced top-1 agreement with float32 is measured "
+        "and reported instead",
+    )
+    parser.add_argument(
+        "--quant-block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"weights per scale/zero point, a power of two >= 16 (default {DEFAULT_BLOCK_SIZE}; larger is "
+        "smaller and faster, less accurate)",
+    )
+    parser.add_argument(
+        "--quant-accuracy-level",
+        type=int,
+        choices=range(5),
+        default=DEFAULT_ACCURACY_LEVEL,
+        metavar="{0,1,2,3,4}",
+        help=f"MatMulNBits compute type (default {DEFAULT_ACCURACY_LEVEL}): 4 = int8 dot products on "
+        "block-quantized activations (fastest on x86/ARM CPUs), 1 = float32 (dequantize weights first), 0 = "
+        "unset (kernel's choice)",
+    )
+    parser.add_argument(
+        "--quant-graphs",
+        default=",".join(DEFAULT_GRAPHS),
+        help=f"comma-separated graphs to quantize (default {','.join(DEFAULT_GRAPHS)}; vision_encoder can be "
+        "added, see README)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
         "--allow-untested-transformers",
@@ -79,11 +125,42 @@ def _summary(result) -> str:
         size = path.stat().st_size + sum(p.stat().st_size for p in result.output.glob(graph.file + ".data"))
         export_s = result.seconds.get(f"export {name}", 0.0)
         lines.append(f"  {name:<16}{size / 1e6:>10.1f}MB{graph.max_abs_diff:>30.3g}{export_s:>10.1f}")
+    quant = manifest.quantization
+    if quant:
+        agreement = quant.get("agreement_vs_float32", {})
+        lines.append(
+            f"  quantized {quant['scheme']} (block {quant['block_size']}, accuracy level {quant['accuracy_level']}): "
+            f"{', '.join(quant['graphs'])}; diffs above are of the float32 graphs before quantization"
+        )
+        if agreement:
+            lines.append(
+                f"  teacher-forced agreement with float32: top-1 {agreement['top1']:.3f}, "
+                f"top-5 {agreement['top5']:.3f} over {agreement['positions']} tokens"
+            )
     lines.append(f'run it: vlm-run {result.output} --prompt "..." [--image PATH]')
     return "\n".join(lines)
 
 
+def _quantize_config(args: argparse.Namespace):
+    from vlm_export.exporter.quantize import QuantizeConfig
+
+    if args.quantize == "none":
+        return None
+    graphs = tuple(g.strip() for g in args.quant_graphs.split(",") if g.strip())
+    return QuantizeConfig(
+        scheme=args.quantize,
+        block_size=args.quant_block_size,
+        accuracy_level=args.quant_accuracy_level,
+        graphs=graphs,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build-engines"]:  # torch-free subcommand: runs where only the runtime + TensorRT exist
+        from vlm_export.exporter.engines import main as build_engines_main
+
+        return build_engines_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -96,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
+        if args.engine == "trt":  # fail before a long export, not after it
+            from vlm_export.exporter.engines import require_tensorrt
+
+            if args.quantize != "none":
+                raise VLMExportError("--quantize targets ONNX Runtime; TensorRT engines need an unquantized export")
+            require_tensorrt()
         result = export_model(
             args.model,
             args.output,
@@ -108,7 +191,26 @@ def main(argv: list[str] | None = None) -> int:
             allow_untested_transformers=args.allow_untested_transformers,
             progress=not args.quiet,
             moe_form=args.moe_form,
+            quantize=_quantize_config(args),
         )
+        engines = None
+        if args.engine == "trt":
+            from vlm_export.exporter.engines import build_engines
+
+            try:
+                engines = build_engines(
+                    result.output,
+                    max_batch=args.max_batch,
+                    max_seq_len=args.max_seq_len,
+                    max_image_pixels=args.max_image_pixels,
+                    max_images=args.max_images,
+                    progress=not args.quiet,
+                )
+            except VLMExportError as error:
+                raise VLMExportError(
+                    f"{error} (the ONNX export in {result.output} is complete; build the engines again with "
+                    f"`vlm-export build-engines {result.output}`)"
+                ) from None
     except VLMExportError as error:
         print(f"vlm-export: error: {error}", file=sys.stderr)
         return 1
@@ -116,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         print("vlm-export: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(_summary(result))
+    if engines is not None:
+        from vlm_export.exporter.engines import summary
+
+        print(summary(engines, result.output))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -6,6 +6,7 @@ export is complete and verified, so an interrupted export never leaves a folder 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from vlm_export.errors import ExportError
 from vlm_export.exporter.assets import copy_assets, find_image_processor_config
 from vlm_export.exporter.model_source import read_model_type, resolve_model_dir
 from vlm_export.exporter.onnx_export import OPSET, export_graph
+from vlm_export.exporter.quantize import QuantizeConfig, quantize_export
 from vlm_export.exporter.verify import verify_graph
 from vlm_export.graphs.registry import graph_family_for
 from vlm_export.manifest import Limits, Manifest
@@ -100,10 +102,21 @@ def export_model(
     allow_untested_transformers: bool = False,
     progress: bool = True,
     moe_form: str | None = None,
+    quantize: QuantizeConfig | None = None,
 ) -> ExportResult:
-    """Export `model` (folder or hub id) into `output`; returns the manifest written there."""
+    """Export `model` (folder or hub id) into `output`; returns the manifest written there.
+
+    With `quantize`, the verified fp32 graphs are then quantized (weight-only) in place; see `quantize.py`.
+    """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if quantize is not None:
+        quantize.validate()
+        if dtype != "float32":
+            raise ExportError(
+                f"--quantize {quantize.scheme} quantizes float32 graphs (weights int4/int8, activations float32); "
+                "drop --dtype float16 or --quantize"
+            )
     for flag, value in (
         ("--max-batch", max_batch),
         ("--max-seq-len", max_seq_len),
@@ -170,6 +183,13 @@ def export_model(
             producer=_versions(),
             source_model=model,
         )
+        if quantize is not None:
+            torch_model = spec = None  # free the PyTorch weights before the graphs are loaded for quantization
+            gc.collect()
+            steps.set_postfix_str(f"quantizing ({quantize.scheme})")
+            start = time.perf_counter()
+            manifest.quantization = quantize_export(staging, manifest, quantize)
+            seconds["quantize"] = time.perf_counter() - start
         manifest.save(staging)
         steps.update()
         steps.close()

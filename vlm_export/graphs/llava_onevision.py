@@ -4,10 +4,13 @@ The vision graph maps a dynamic number of crops to per-crop projected features `
 (anyres grid, unpadding to the original aspect ratio, the anyres_max_9 bilinear downscale, `image_newline`
 columns, base-crop tokens first) depends on every image's size, so it runs on the host in numpy
 (`runtime.families.llava_onevision.packing`); `image_newline` is written beside the graphs as a .npy file.
+Video frames go through the same graph (`get_video_features` uses the same tower, layer, strategy and
+projector); their 2x bilinear pooling and the newline row run on the host too (`...llava_onevision.video`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,25 @@ from vlm_export.graphs.embedding import embedding_spec
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.llava_onevision.packing import LlavaPackingConfig
 from vlm_export.runtime.families.llava_onevision.preprocess import LlavaOnevisionImageConfig
+from vlm_export.runtime.families.llava_onevision.video import LlavaOnevisionVideoConfig
 
 IMAGE_NEWLINE_FILE = "image_newline.npy"
+
+
+def video_processor_dict(model_dir: Path | None, image_processor: dict[str, Any]) -> dict[str, Any]:
+    """The video processor's settings, found as transformers 5.24's ``get_video_processor_dict`` finds them:
+    ``processor_config.json["video_processor"]``, else ``video_preprocessor_config.json``, else the image
+    processor's ``preprocessor_config.json`` (for repos that ship no video config)."""
+    if model_dir is not None and model_dir.is_dir():
+        processor = model_dir / "processor_config.json"
+        if processor.is_file():
+            nested = json.loads(processor.read_text(encoding="utf-8")).get("video_processor")
+            if isinstance(nested, dict):
+                return nested
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if (model_dir / name).is_file():
+                return json.loads((model_dir / name).read_text(encoding="utf-8"))
+    return image_processor
 
 
 class LlavaCropEncoder(nn.Module):
@@ -113,8 +133,13 @@ class LlavaOnevisionGraphs:
         config = model.config
         tc, vc = config.text_config, config.vision_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        preprocessing = LlavaOnevisionImageConfig.from_processor_dict(image_processor).to_dict()
+        # the folder from_pretrained read (the exporter passes a local folder)
+        model_dir = Path(model.name_or_path) if getattr(model, "name_or_path", None) else None
+        video = video_processor_dict(model_dir, image_processor)
+        preprocessing["video"] = LlavaOnevisionVideoConfig.from_processor_dict(video).to_dict()
         return {
-            "preprocessing": LlavaOnevisionImageConfig.from_processor_dict(image_processor).to_dict(),
+            "preprocessing": preprocessing,
             "tokens": {"image_token_id": config.image_token_id, "video_token_id": config.video_token_id},
             "text": {
                 "hidden_size": tc.hidden_size,

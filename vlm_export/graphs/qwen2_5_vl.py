@@ -24,6 +24,11 @@ from vlm_export.graphs.embedding import embedding_spec
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.qwen2_vl.family import qwen2_5_vl_vision_feeds
 from vlm_export.runtime.families.qwen2_vl.preprocess import Qwen2VLImageConfig
+from vlm_export.runtime.families.qwen2_vl.video import (
+    QWEN2_VL_VIDEO_DEFAULTS,
+    QwenVideoConfig,
+    find_video_processor_dict,
+)
 
 VISION_INPUTS = [
     "pixel_values",
@@ -110,6 +115,9 @@ class Qwen2_5_VLGraphs:
     name = "qwen2_5_vl"
     model_types: tuple[str, ...] = ("qwen2_5_vl",)
     model_class: Any = Qwen2_5_VLForConditionalGeneration
+    # The video processor AutoVideoProcessor builds for this family: class defaults and sampling rules.
+    video_defaults: dict[str, Any] = QWEN2_VL_VIDEO_DEFAULTS
+    video_sampler = "qwen2_vl"
 
     def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
         model = self.model_class.from_pretrained(
@@ -198,7 +206,10 @@ class Qwen2_5_VLGraphs:
         tc = config.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         return {
-            "preprocessing": Qwen2VLImageConfig.from_processor_dict(image_processor).to_dict(),
+            "preprocessing": {
+                **Qwen2VLImageConfig.from_processor_dict(image_processor).to_dict(),
+                "video": self._video_preprocessing(model),
+            },
             "tokens": {
                 "image_token_id": config.image_token_id,
                 "video_token_id": config.video_token_id,
@@ -216,6 +227,13 @@ class Qwen2_5_VLGraphs:
             },
             "vision": self._vision_section(config.vision_config),
         }
+
+    def _video_preprocessing(self, model: nn.Module) -> dict[str, Any]:
+        """Video processor settings from the model folder, resolved as ``AutoVideoProcessor.from_pretrained`` does
+        (processor_config.json's ``video_processor``, video_preprocessor_config.json, preprocessor_config.json)."""
+        folder = Path(model.name_or_path)
+        found = find_video_processor_dict(folder) if folder.is_dir() else {}
+        return QwenVideoConfig.from_processor_dict(found, self.video_defaults, self.video_sampler).to_dict()
 
 
 register_graph_family(Qwen2_5_VLGraphs())

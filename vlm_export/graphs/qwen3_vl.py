@@ -32,6 +32,7 @@ from vlm_export.graphs.moe import apply_moe_form, moe_form
 from vlm_export.graphs.qwen2_5_vl import Qwen2_5_VLGraphs
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.qwen3_vl.family import qwen3_vl_vision_feeds
+from vlm_export.runtime.families.qwen3_vl.video import QWEN3_VL_VIDEO_DEFAULTS
 
 VISION_INPUTS = ["pixel_values", "position_ids", "interp_indices", "interp_weights", "segment_index", "row_position"]
 DEFAULT_MOE_FORM = "ort_moe"  # the ONNX Runtime target; TensorRT needs "dense"
@@ -151,6 +152,8 @@ class Qwen3VLGraphs(Qwen2_5_VLGraphs):
     name = "qwen3_vl"
     model_types: tuple[str, ...] = ("qwen3_vl",)
     model_class: Any = Qwen3VLForConditionalGeneration
+    video_defaults: dict[str, Any] = QWEN3_VL_VIDEO_DEFAULTS
+    video_sampler = "qwen3_vl"
 
     def _vision_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
         visual = model.model.visual

@@ -1,4 +1,4 @@
-"""`vlm-run`: generate text from an exported folder with images and a prompt (no torch needed)."""
+"""`vlm-run`: generate text from an exported folder with images, videos and a prompt (no torch needed)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,18 @@ EPILOG = """\
 examples:
   vlm-run out/qwen25vl --image cat.jpg --prompt "Describe it."
   vlm-run out/qwen25vl --image a.png --image b.png --prompt "Compare them." --max-new-tokens 64 --greedy
+  vlm-run out/qwen25vl --video clip.mp4 --fps 1 --prompt "What happens in this video?"
+  vlm-run out/qwen3vl --image a.png --video clip.mp4 --num-frames 8 --prompt "Is the picture in the video?"
   vlm-run out/qwen25vl --prompt "Hello" --json
 
+Images come before videos in the message, then the prompt. Without --fps/--num-frames videos are sampled as the
+model's video processor does by default (Qwen2.5-VL: every frame; Qwen3-VL: 2 fps).
 Sampling defaults come from the model's generation_config.json, as in transformers; --greedy turns sampling off.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlm_export.runtime.backends import BACKENDS
+    from vlm_export.runtime.backends import BACKEND_HELP, BACKENDS
 
     parser = argparse.ArgumentParser(
         prog="vlm-run",
@@ -33,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", type=Path, help="folder written by vlm-export")
     parser.add_argument("--prompt", required=True, help="user message text")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    parser.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--fps", type=float, help="sample the videos at this many frames per second")
+    frames.add_argument("--num-frames", type=int, help="sample this many frames from each video")
     parser.add_argument("--system", help="system message (default: the chat template's own)")
     parser.add_argument(
         "--max-new-tokens",
@@ -45,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, help="repetition penalty (1.0 = off)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False)")
-    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="inference backend")
+    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help=f"inference backend: {BACKEND_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, timings")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -53,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _messages(args: argparse.Namespace) -> list[dict]:
     content: list[dict] = [{"type": "image", "path": path} for path in args.image]
+    sampling = {key: value for key, value in (("fps", args.fps), ("num_frames", args.num_frames)) if value is not None}
+    content += [{"type": "video", "path": path, **sampling} for path in args.video]
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": content})
@@ -60,7 +70,10 @@ def _messages(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.fps is not None or args.num_frames is not None) and not args.video:
+        parser.error("--fps / --num-frames apply to videos; pass --video FILE")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 
-def vl_processor(model_dir: str | Path, processor_class: Any, padding_side: str = "left") -> Any:
-    """transformers' own Qwen-VL processor (`processor_class`) with the PIL image processor, no video processor.
+def vl_processor(
+    model_dir: str | Path, processor_class: Any, padding_side: str = "left", video_processor: Any = None
+) -> Any:
+    """transformers' own Qwen-VL processor (`processor_class`) with the PIL image processor and `video_processor`
+    (none by default; pass e.g. ``AutoVideoProcessor.from_pretrained(model_dir)``, which needs torchvision).
 
     transformers 5.24 refuses to build these processors without torchvision (its argument check looks up the
     video processor class, which is a placeholder then). Images never touch the video processor, so the check
@@ -33,7 +36,7 @@ def vl_processor(model_dir: str | Path, processor_class: Any, padding_side: str 
         return processor_class(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            video_processor=None,
+            video_processor=video_processor,
             chat_template=tokenizer.chat_template,
             **settings,
         )

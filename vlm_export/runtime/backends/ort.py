@@ -1,4 +1,9 @@
-"""ONNX Runtime backend (CPU): the fallback that must always work."""
+"""ONNX Runtime backends: CPU (the fallback that must always work) and CUDA (onnxruntime-gpu).
+
+Both share one session class. With IO binding (always on CUDA, optional on CPU so the tests exercise the same
+code) outputs stay `OrtValue`s on the session's device and are fed back as inputs unchanged: the KV cache never
+leaves the GPU between decode steps; only `to_numpy` copies (the last-position logits, once per step).
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,33 @@ from vlm_export.manifest import GraphInfo
 
 logger = logging.getLogger(__name__)
 
+INSTALL_GPU_HINT = (
+    "install onnxruntime-gpu in place of onnxruntime (pip uninstall -y onnxruntime && pip install 'vlm-export[trt]'), "
+    "or use --backend ort-cpu"
+)
+
 
 class BackendError(VLMExportError):
     """A graph failed to load or run; the message names the graph and the likely fix."""
 
 
 class OrtSession:
-    def __init__(self, path: Path, info: GraphInfo, providers: list[str], threads: int | None):
+    def __init__(
+        self,
+        path: Path,
+        info: GraphInfo,
+        providers: list[Any],
+        threads: int | None,
+        *,
+        device: str = "cpu",
+        device_id: int = 0,
+        io_binding: bool = False,
+    ):
         self.info = info
         self.name = path.stem
+        self.device = device
+        self.device_id = device_id
+        self.io_binding = io_binding
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -39,29 +62,93 @@ class OrtSession:
             ) from None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def _fail(self, error: Exception, feeds: Mapping[str, Any]) -> BackendError:
+        shapes = {name: _shape(value) for name, value in feeds.items()}
+        return BackendError(
+            f"ONNX Runtime failed running the {self.name} graph ({str(error).splitlines()[0]}); input shapes {shapes}"
+        )
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        if self.io_binding:
+            return self._run_bound(feeds)
         try:
             outputs = self.session.run(self.output_names, dict(feeds))
         except Exception as error:
-            shapes = {name: getattr(value, "shape", None) for name, value in feeds.items()}
-            raise BackendError(
-                f"ONNX Runtime failed running the {self.name} graph ({str(error).splitlines()[0]}); "
-                f"input shapes {shapes}"
-            ) from None
+            raise self._fail(error, feeds) from None
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def _run_bound(self, feeds: Mapping[str, Any]) -> dict[str, ort.OrtValue]:
+        """Inputs already on the device (`OrtValue`s from an earlier call) are bound as they are, host arrays are
+        copied once; every output is allocated by ONNX Runtime on the device and returned as an `OrtValue`."""
+        binding = self.session.io_binding()
+        try:
+            for name, value in feeds.items():
+                if not isinstance(value, ort.OrtValue):
+                    value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
+                binding.bind_ortvalue_input(name, value)
+            for name in self.output_names:
+                binding.bind_output(name, self.device, self.device_id)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+        except Exception as error:
+            raise self._fail(error, feeds) from None
         return dict(zip(self.output_names, outputs, strict=True))
 
     def to_numpy(self, value: Any) -> np.ndarray:
+        if isinstance(value, ort.OrtValue):
+            return value.numpy()
         return np.asarray(value)
 
 
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, ort.OrtValue):
+        return tuple(value.shape())
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _threads(threads: int | None) -> int | None:
+    env_threads = os.environ.get("VLM_EXPORT_THREADS")
+    return threads or (int(env_threads) if env_threads else None)
+
+
 class OrtCpuBackend:
-    """ONNX Runtime on the CPU; numpy arrays are the 'device' buffers, so nothing is copied between calls."""
+    """ONNX Runtime on the CPU. Plain numpy in/out by default (nothing to keep on a device); `io_binding=True`
+    runs the same IO-binding path as the CUDA backend, with the CPU as the device."""
 
     name = "ort-cpu"
 
-    def __init__(self, threads: int | None = None):
-        env_threads = os.environ.get("VLM_EXPORT_THREADS")
-        self.threads = threads or (int(env_threads) if env_threads else None)
+    def __init__(self, threads: int | None = None, io_binding: bool = False):
+        self.threads = _threads(threads)
+        self.io_binding = io_binding
 
     def load(self, path: Path, info: GraphInfo) -> OrtSession:
-        return OrtSession(path, info, ["CPUExecutionProvider"], self.threads)
+        return OrtSession(path, info, ["CPUExecutionProvider"], self.threads, device="cpu", io_binding=self.io_binding)
+
+
+class OrtCudaBackend:
+    """ONNX Runtime with the CUDA execution provider (onnxruntime-gpu), outputs kept on the GPU via IO binding."""
+
+    name = "ort-cuda"
+
+    def __init__(self, device_id: int = 0, threads: int | None = None):
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise BackendError(
+                f"the ort-cuda backend needs onnxruntime-gpu, but the installed onnxruntime {ort.__version__} has "
+                f"only {', '.join(available)}; {INSTALL_GPU_HINT}"
+            )
+        self.device_id = device_id
+        self.threads = _threads(threads)
+
+    def load(self, path: Path, info: GraphInfo) -> OrtSession:
+        providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        session = OrtSession(
+            path, info, providers, self.threads, device="cuda", device_id=self.device_id, io_binding=True
+        )
+        if "CUDAExecutionProvider" not in session.session.get_providers():
+            raise BackendError(
+                f"ONNX Runtime could not start CUDA for the {session.name} graph (CUDA/cuDNN libraries missing or no "
+                f"GPU visible); check `nvidia-smi` and the CUDA version onnxruntime-gpu {ort.__version__} needs"
+            )
+        return session

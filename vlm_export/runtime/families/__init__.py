@@ -108,9 +108,16 @@ def runtime_family_for(manifest: Manifest, folder: Path) -> RuntimeFamily:
 
 def expand_in_order(text: str, placeholder: dict[str, str], items: list[MediaItem], counts: list[int]) -> str:
     """Replace the k-th placeholder occurrence (of any kind) with the k-th item's token run, checking counts."""
+    runs = [placeholder[item.kind] * count for item, count in zip(items, counts, strict=True)]
+    return expand_with(text, placeholder, items, runs)
+
+
+def expand_with(text: str, placeholder: dict[str, str], items: list[MediaItem], replacements: list[str]) -> str:
+    """Replace the k-th item's placeholder with `replacements[k]` (any text, e.g. Qwen3-VL's timestamped frame
+    runs), checking that placeholders and items match up."""
     pieces: list[str] = []
     rest = text
-    for item, count in zip(items, counts, strict=True):
+    for item, replacement in zip(items, replacements, strict=True):
         token = placeholder[item.kind]
         head, sep, tail = rest.partition(token)
         if not sep:
@@ -118,7 +125,7 @@ def expand_in_order(text: str, placeholder: dict[str, str], items: list[MediaIte
                 f"the prompt has fewer {item.kind} placeholders than {item.kind}s given; put each "
                 f"{item.kind} in the message content as {{'type': '{item.kind}', ...}}"
             )
-        pieces.append(head + token * count)
+        pieces.append(head + replacement)
         rest = tail
     for kind, token in placeholder.items():
         if token in rest:

@@ -1,8 +1,10 @@
-"""Qwen2.5-VL on the host: images -> patches and vision-graph layout, placeholder counts, 3D MRoPE positions."""
+"""Qwen2.5-VL on the host: images and videos -> patches and vision-graph layout, placeholder counts, 3D MRoPE
+positions (videos scaled in time by ``second_per_grid_ts``)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,17 @@ from vlm_export.runtime.families.qwen2_vl.preprocess import (
     preprocess_images,
 )
 from vlm_export.runtime.families.qwen2_vl.rope_index import decode_position_ids, prefill_position_ids
+from vlm_export.runtime.families.qwen2_vl.video import (
+    QwenVideoConfig,
+    VideoOptions,
+    qwen2_vl_frame_size,
+    qwen2_vl_sample_indices,
+    video_patches,
+)
 from vlm_export.runtime.families.qwen2_vl.vision_inputs import qwen2_5_vl_vision_inputs
 from vlm_export.runtime.image_io import load_image
 from vlm_export.runtime.segments import segment_layout
+from vlm_export.runtime.video_io import VideoClip, VideoMetadata, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,8 @@ class Qwen2_5_VLRuntime:
         self.vision = manifest.vision
         self.tokens = manifest.tokens
         self.image_config = Qwen2VLImageConfig.from_dict(manifest.preprocessing)
+        video = manifest.preprocessing.get("video")
+        self.video_config = None if video is None else QwenVideoConfig.from_dict(video)
         limit = manifest.limits.max_image_pixels
         self.max_pixels = limit if limit and limit < self.image_config.max_pixels else None
         self._warned_resize = False
@@ -62,30 +74,94 @@ class Qwen2_5_VLRuntime:
         return int(self.tokens[f"{kind}_token_id"])
 
     def encode_media(self, items: list[MediaItem], per_conversation: list[int]) -> VisualBatch:
+        """Images and videos of a batch in item order: one vision-graph call over all their patches.
+
+        The vision tower encodes each image / frame group on its own, so one call over every item in conversation
+        order gives the rows each placeholder run needs; the rope index gets the image and the video grids
+        separately, as transformers keeps them (``image_grid_thw``, ``video_grid_thw``).
+        """
         if not items:
             return VisualBatch(feeds={}, token_counts=[], kinds=[])
-        videos = [item for item in items if item.kind == "video"]
-        if videos:
-            raise InputError("video input is not supported by this version of vlm-export yet; pass images")
-        images = [load_image(item.source) for item in items]
+        patches: list[np.ndarray] = []
+        grids: list[tuple[int, int, int]] = []
+        videos: list[dict[str, Any]] = []
+        for item in items:
+            if item.kind == "video":
+                pixels, grid, info = self.encode_video(item)
+                videos.append({"grid": grid, **info})
+            else:
+                pixels, grid = self.encode_image(item)
+            patches.append(pixels)
+            grids.append(grid)
+        grid_thw = np.asarray(grids, dtype=np.int64)
+        merge = int(self.vision["spatial_merge_size"])
+        feeds = {"pixel_values": np.concatenate(patches, axis=0), **self.vision_feeds(grid_thw)}
+        image_grids = [g for g, item in zip(grids, items, strict=True) if item.kind != "video"]
+        meta: dict[str, Any] = {
+            "image_grid_thw": np.asarray(image_grids, dtype=np.int64) if image_grids else None,
+            "video_grid_thw": np.asarray([v["grid"] for v in videos], dtype=np.int64) if videos else None,
+            "videos": videos,
+        }
+        if videos and all("second_per_grid" in v for v in videos):  # Qwen2.5-VL's temporal rope scaling
+            meta["second_per_grid_ts"] = [v["second_per_grid"] for v in videos]
+        return VisualBatch(
+            feeds=feeds,
+            token_counts=num_image_tokens(grid_thw, merge),
+            kinds=[item.kind for item in items],
+            meta=meta,
+        )
+
+    def encode_image(self, item: MediaItem) -> tuple[np.ndarray, tuple[int, int, int]]:
+        image = load_image(item.source)
         budget = self.max_pixels
-        if budget is not None and not self._warned_resize and any(i.width * i.height > budget for i in images):
+        if budget is not None and not self._warned_resize and image.width * image.height > budget:
             logger.warning(
                 "images above the export's pixel budget (%d pixels) are resized to fit; re-export with a "
                 "larger --max-image-pixels to keep more detail",
                 budget,
             )
             self._warned_resize = True
-        visual = preprocess_images(images, self.image_config, max_pixels=self.max_pixels)
-        merge = int(self.vision["spatial_merge_size"])
-        feeds = {"pixel_values": visual.pixel_values, **self.vision_feeds(visual.grid_thw)}
-        counts = num_image_tokens(visual.grid_thw, merge)
-        return VisualBatch(
-            feeds=feeds,
-            token_counts=list(counts),
-            kinds=[item.kind for item in items],
-            meta={"image_grid_thw": visual.grid_thw},
-        )
+        visual = preprocess_images([image], self.image_config, max_pixels=self.max_pixels)
+        return visual.pixel_values, tuple(int(v) for v in visual.grid_thw[0])
+
+    # -- video ----------------------------------------------------------------------------------------
+    def _video_config(self) -> QwenVideoConfig:
+        if self.video_config is None:
+            raise InputError(
+                "this export has no video preprocessing settings (it was made by an older vlm-export); "
+                "re-export the model to use video input"
+            )
+        return self.video_config
+
+    def sample_indices(self, meta: VideoMetadata, options: VideoOptions) -> np.ndarray:
+        """Frames the family's video processor samples (Qwen2VLVideoProcessor.sample_frames)."""
+        return qwen2_vl_sample_indices(meta, self._video_config(), options)
+
+    def frame_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        return qwen2_vl_frame_size(num_frames, height, width, self._video_config())
+
+    def video_info(self, clip: VideoClip) -> dict[str, Any]:
+        """Timing the rope index needs: ``second_per_grid_ts = temporal_patch_size / sampled_fps``
+        (Qwen2_5_VLProcessor._process_videos, with VideoMetadata.sampled_fps)."""
+        meta = clip.metadata
+        sampled_fps = len(clip.indices) / meta.total_frames * meta.fps
+        return {"second_per_grid": self._video_config().temporal_patch_size / sampled_fps}
+
+    def encode_video(self, item: MediaItem) -> tuple[np.ndarray, tuple[int, int, int], dict[str, Any]]:
+        """Decode the sampled frames of one video, resize, normalize and patchify them like the video processor."""
+        cfg = self._video_config()
+        if not isinstance(item.source, str | os.PathLike):
+            raise InputError(
+                f"unsupported video source of type {type(item.source).__name__}: pass the path of a video file"
+            )
+        options = VideoOptions.from_item(item.options, name=f"video {os.fspath(item.source)!r}")
+        clip = load_video(item.source, lambda meta: self.sample_indices(meta, options))
+        frames = clip.frames
+        size = self.frame_size(len(frames), frames.shape[1], frames.shape[2]) if cfg.do_resize else None
+        pixels, grid = video_patches(frames, size, cfg, name=f"video {os.fspath(item.source)!r}")
+        info = self.video_info(clip)
+        info["indices"] = clip.indices
+        return pixels, grid, info
 
     def vision_feeds(self, grid_thw: np.ndarray) -> dict[str, np.ndarray]:
         """Grid-dependent vision-graph inputs (everything but the pixels)."""

@@ -7,11 +7,19 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.families import VisualBatch, register_runtime_family
+from vlm_export.runtime.families import MediaItem, VisualBatch, expand_with, register_runtime_family
 from vlm_export.runtime.families.qwen2_vl.family import Qwen2_5_VLRuntime
+from vlm_export.runtime.families.qwen2_vl.video import VideoOptions
 from vlm_export.runtime.families.qwen3_vl.rope_index import decode_position_ids, prefill_position_ids
+from vlm_export.runtime.families.qwen3_vl.video import (
+    qwen3_vl_frame_size,
+    qwen3_vl_sample_indices,
+    qwen3_vl_timestamps,
+    video_prompt,
+)
 from vlm_export.runtime.families.qwen3_vl.vision_inputs import qwen3_vl_vision_inputs
 from vlm_export.runtime.segments import segment_layout
+from vlm_export.runtime.video_io import VideoClip, VideoMetadata
 
 
 def qwen3_vl_vision_feeds(grid_thw: np.ndarray, *, merge_size: int, num_grid_per_side: int) -> dict[str, np.ndarray]:
@@ -40,6 +48,36 @@ class Qwen3VLRuntime(Qwen2_5_VLRuntime):
             merge_size=int(self.vision["spatial_merge_size"]),
             num_grid_per_side=int(self.vision["num_grid_per_side"]),
         )
+
+    # -- video: Qwen3VLVideoProcessor sampling and budget, Qwen3VLProcessor timestamps ------------------
+    def sample_indices(self, meta: VideoMetadata, options: VideoOptions) -> np.ndarray:
+        return qwen3_vl_sample_indices(meta, self._video_config(), options)
+
+    def frame_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        return qwen3_vl_frame_size(num_frames, height, width, self._video_config())
+
+    def video_info(self, clip: VideoClip) -> dict[str, Any]:
+        """Seconds of each temporal patch, written as ``<t seconds>`` before its frame tokens (no rope scaling)."""
+        tps = self._video_config().temporal_patch_size
+        return {"timestamps": qwen3_vl_timestamps(clip.indices, clip.metadata.fps, tps)}
+
+    def expand_placeholders(
+        self, text: str, items: list[MediaItem], visual: VisualBatch, offset: int, token_text: dict[str, str]
+    ) -> str:
+        """Images: the token run. Videos: per temporal patch ``<t seconds><|vision_start|>run<|vision_end|>``
+        (Qwen3VLProcessor.replace_video_token), which splits each frame group into its own rope-index run."""
+        merge = int(self.vision["spatial_merge_size"]) ** 2
+        first_video = sum(kind == "video" for kind in visual.kinds[:offset])  # videos of earlier conversations
+        videos = iter(visual.meta.get("videos", [])[first_video:])
+        replacements = []
+        for item, count in zip(items, visual.token_counts[offset : offset + len(items)], strict=True):
+            if item.kind != "video":
+                replacements.append(token_text[item.kind] * count)
+                continue
+            video = next(videos)
+            _, height, width = video["grid"]
+            replacements.append(video_prompt(video["timestamps"], height * width // merge, token_text["video"]))
+        return expand_with(text, token_text, items, replacements)
 
     def prefill_positions(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: VisualBatch

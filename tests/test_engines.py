@@ -1,0 +1,333 @@
+"""TensorRT engine path, CPU side: profiles from the manifest limits, engine metadata checks, error messages,
+the op-support table against the ops the exporter really emits, and the ONNX rewrite for older TensorRT
+(checked numerically on ONNX Runtime). Building and running engines needs a GPU: see tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_export.errors import InputError
+from vlm_export.exporter.engine_profiles import AxisRange, EngineLimits, ProfileError, engine_profiles, profile_for
+from vlm_export.exporter.engines import EngineBuildError, resolve_limits, resolve_precision
+from vlm_export.manifest import Manifest
+from vlm_export.runtime.backends.trt import BackendError, check_engines, engine_mismatch, limit_message
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request) -> Path:
+    return request.getfixturevalue(f"exported_{request.param}")
+
+
+def _limits(manifest: Manifest, **overrides) -> EngineLimits:
+    values = {"max_batch": 2, "max_seq_len": 512, "max_image_pixels": manifest.limits.max_image_pixels, "max_images": 3}
+    values.update(overrides)
+    return EngineLimits(**values)
+
+
+# -- profiles ------------------------------------------------------------------------------------------
+def test_profiles_cover_every_input_with_the_limits(exported):
+    manifest = Manifest.load(exported)
+    profiles = engine_profiles(manifest, exported, _limits(manifest))
+    assert set(profiles) == {"vision_encoder", "embedding", "decoder"}
+    prefill, decode = profiles["decoder"]
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    for spec in (prefill, decode, *profiles["embedding"], *profiles["vision_encoder"]):
+        graph = next(g for g, specs in profiles.items() if spec in specs)
+        assert set(spec.shapes) == set(manifest.graphs[graph].input_names())
+        for low, opt, high in spec.shapes.values():
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
+    past = next(n for n in prefill.shapes if n.startswith("past_key_values."))
+    # prefill: any prompt up to max_seq_len, empty cache (TensorRT zero-size dims); decode: one token, cache < max
+    assert prefill.shapes[past][0][2] == prefill.shapes[past][2][2] == 0
+    assert prefill.shapes["inputs_embeds"][2][:2] == [2, 512]
+    assert decode.shapes["inputs_embeds"][2][:2] == [2, 1]
+    assert decode.shapes[past][0][2] == 1 and decode.shapes[past][2][2] == 511
+    assert decode.shapes["attention_mask"][2] == [2, 512]
+    # text-only prompts and decode steps merge zero visual rows
+    assert profiles["embedding"][0].shapes["visual_embeds"][0][0] == 0
+
+
+def test_vision_profile_holds_real_images_up_to_the_limit(exported):
+    """Shapes the family's preprocessing really produces (odd sizes, extreme aspect ratios, max_images images in
+    one request) never leave the vision profile measured with the probe images."""
+    from vlm_export.runtime.families import MediaItem, runtime_family_for
+
+    manifest = Manifest.load(exported)
+    limits = _limits(manifest)
+    spec = engine_profiles(manifest, exported, limits)["vision_encoder"][0]
+    family = runtime_family_for(dataclasses.replace(manifest, limits=limits.to_limits()), exported)
+    info = manifest.graphs["vision_encoder"]
+    rng = np.random.default_rng(0)
+    sizes = [(31, 29), (640, 480), (2000, 300), (300, 2000), (1500, 1500), (4000, 100), (97, 131)]
+    for start in range(0, len(sizes), 2):
+        group = [sizes[(start + k) % len(sizes)] for k in range(limits.max_images)]
+        items = [MediaItem("image", Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) for w, h in group]
+        feeds = family.encode_media(items, [1] * len(items)).feeds
+        for tensor in info.inputs:
+            low, _, high = spec.shapes[tensor.name]
+            shape = feeds[tensor.name].shape
+            assert all(lo <= v <= hi for v, lo, hi in zip(shape, low, high, strict=True)), (tensor.name, group, shape)
+
+
+def test_profile_for_rejects_an_axis_without_a_rule(exported):
+    info = Manifest.load(exported).graphs["decoder"]
+    with pytest.raises(ProfileError, match="no TensorRT profile rule"):
+        profile_for(info, {"batch": AxisRange(1, 1, 2)}, "x")
+    with pytest.raises(ProfileError):
+        AxisRange(3, 2, 4)
+
+
+def test_polygraphy_profiles_carry_the_shapes(exported):
+    pytest.importorskip("polygraphy")
+    from vlm_export.exporter.engines import polygraphy_profiles
+
+    manifest = Manifest.load(exported)
+    specs = engine_profiles(manifest, exported, _limits(manifest))["decoder"]
+    profiles = polygraphy_profiles(specs)
+    assert len(profiles) == 2
+    shape = profiles[1]["attention_mask"]
+    assert (tuple(shape.min), tuple(shape.opt), tuple(shape.max)) == (
+        tuple(specs[1].shapes["attention_mask"][0]),
+        tuple(specs[1].shapes["attention_mask"][1]),
+        tuple(specs[1].shapes["attention_mask"][2]),
+    )
+
+
+# -- limits, precision, metadata -----------------------------------------------------------------------
+def test_limits_defaults_and_overrides(exported_qwen2_5_vl):
+    manifest = Manifest.load(exported_qwen2_5_vl)
+    assert manifest.limits.max_batch is None and manifest.limits.max_seq_len == 8192
+    limits = resolve_limits(manifest)
+    assert (limits.max_batch, limits.max_seq_len, limits.max_images) == (1, 8192, 4)
+    assert limits.max_image_pixels == manifest.limits.max_image_pixels
+    manifest.limits.max_seq_len = 128000  # a model's max_position_embeddings is not an engine size
+    assert resolve_limits(manifest).max_seq_len == 4096
+    limits = resolve_limits(manifest, max_batch=2, max_seq_len=100000, max_image_pixels=50176, max_images=2)
+    assert (limits.max_batch, limits.max_seq_len, limits.max_image_pixels, limits.max_images) == (2, 100000, 50176, 2)
+    with pytest.raises(EngineBuildError, match="--max-batch must be a positive integer"):
+        resolve_limits(manifest, max_batch=0)
+    with pytest.raises(ProfileError, match="at least 2"):
+        engine_profiles(manifest, exported_qwen2_5_vl, _limits(manifest, max_seq_len=1))
+
+
+def test_precision_rules():
+    assert resolve_precision("auto", "float16") == ("fp16", True)
+    assert resolve_precision("auto", "float32") == ("fp32", True)
+    assert resolve_precision("bf16", "float32") == ("bf16", False)
+    assert resolve_precision("fp16", "float32") == ("fp16", False)
+    with pytest.raises(EngineBuildError, match="needs a float32 export"):
+        resolve_precision("bf16", "float16")
+
+
+def test_engine_mismatch_names_versions_and_gpu():
+    meta = {"tensorrt_version": "10.3.0.30", "compute_capability": "8.7"}
+    assert engine_mismatch(meta, "10.3.0.26", "8.7") is None  # same release, other build number
+    message = engine_mismatch(meta, "10.15.1.29", "9.0")
+    assert "TensorRT 10.3.0.30 built them" in message and "10.15.1.29" in message
+    assert "compute capability 8.7" in message and "9.0" in message
+
+
+def test_check_engines_explains_how_to_rebuild(exported_qwen2_5_vl):
+    manifest = Manifest.load(exported_qwen2_5_vl)
+    with pytest.raises(BackendError, match=r"no TensorRT engines.*vlm-export build-engines"):
+        check_engines(exported_qwen2_5_vl, manifest, "10.15.1", "9.0")
+    manifest.engines["tensorrt"] = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "graphs": {"x": {}}}
+    with pytest.raises(BackendError) as error:
+        check_engines(exported_qwen2_5_vl, manifest, "10.15.1", "9.0")
+    assert f"vlm-export build-engines {exported_qwen2_5_vl}" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_limit_message_names_the_flag():
+    message = limit_message("decoder", "attention_mask", "total_sequence", 5000, 2, 4096, "out/q7")
+    assert "total_sequence=5000" in message and "--max-seq-len" in message and "build-engines out/q7" in message
+    assert "--max-batch" in limit_message("decoder", "inputs_embeds", "batch", 3, 1, 2, "d")
+    assert "--max-images" in limit_message("vision_encoder", "pixel_values", "num_patches", 9999, 1, 3072, "d")
+
+
+class _EngineShapes:
+    """Just the profile queries of a TensorRT engine, for the selection logic (real engines: tests/test_gpu.py)."""
+
+    def __init__(self, ranges):
+        self.ranges = ranges
+
+    def select(self, shapes):
+        from vlm_export.runtime.backends.trt import TrtSession
+
+        session = TrtSession.__new__(TrtSession)
+        session.ranges = self.ranges
+        session.axes = {"attention_mask": ["batch", "total_sequence"]}
+        session.name = "decoder"
+        session.backend = type("B", (), {"folder": Path("out")})()
+        return session.select_profile(shapes)
+
+
+def test_profile_selection_and_limit_error():
+    engine = _EngineShapes([
+        {"attention_mask": ((1, 1), (1, 64), (2, 128))},
+        {"attention_mask": ((1, 2), (1, 64), (2, 128))},
+    ])  # fmt: skip
+    assert engine.select({"attention_mask": (2, 1)}) == 0
+    with pytest.raises(InputError, match=r"total_sequence=200 .*1\.\.128.*--max-seq-len"):
+        engine.select({"attention_mask": (1, 200)})
+
+
+# -- backends without TensorRT / CUDA ------------------------------------------------------------------
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
+def test_trt_backend_says_how_to_install(exported_qwen2_5_vl, capsys):
+    from vlm_export.runtime.cli import main
+
+    assert main([str(exported_qwen2_5_vl), "--backend", "trt", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "TensorRT, which is not installed" in err and "pip install" in err
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
+def test_build_engines_without_tensorrt_fails_before_work(exported_qwen2_5_vl, tmp_path, capsys):
+    from vlm_export.exporter.cli import main
+
+    assert main(["build-engines", str(exported_qwen2_5_vl)]) == 1
+    assert "needs TensorRT" in capsys.readouterr().err
+    # --engine trt refuses before exporting anything
+    assert main(["--model", "unused", "--output", str(tmp_path / "o"), "--engine", "trt"]) == 1
+    assert "needs TensorRT" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_build_engines_subcommand_never_imports_torch(exported_qwen2_5_vl):
+    """`vlm-export build-engines` must run where only the runtime + TensorRT are installed (a Jetson)."""
+    code = (
+        "import sys\n"
+        "from vlm_export.exporter.cli import main\n"
+        f"rc = main(['build-engines', {str(exported_qwen2_5_vl)!r}, '--quiet'])\n"
+        "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]"), out
+
+
+def test_backends_import_lazily_without_gpu_libraries():
+    code = (
+        "import sys\n"
+        "from vlm_export.runtime.backends import BACKENDS, create_backend\n"
+        "import vlm_export.runtime.backends.trt, vlm_export.exporter.engines, vlm_export.exporter.engine_profiles\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'torch', 'transformers', 'cuda'))\n"
+        "print(','.join(bad), BACKENDS)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(" ") and "'trt'" in out and "'ort-cuda'" in out
+
+
+# -- op support ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[*FAMILIES, "qwen3_vl_moe"])
+def any_export(request) -> Path:
+    return request.getfixturevalue(f"exported_{request.param}")
+
+
+def test_every_emitted_op_is_in_the_table(any_export):
+    from vlm_export.exporter.trt_ops import DECOMPOSABLE, check_graph
+
+    manifest = Manifest.load(any_export)
+    for name, info in manifest.graphs.items():
+        latest = check_graph(any_export / info.file, "10.15")
+        jetpack = check_graph(any_export / info.file, "10.3")
+        assert latest.opset == 23
+        assert not latest.restrictions and not jetpack.restrictions, latest.restrictions
+        if manifest.family == "qwen3_vl_moe" and name == "decoder":
+            # the default MoE form is ONNX Runtime's fused kernel: refused, with the export flag that avoids it
+            assert "--moe-form dense" in latest.blocking["MoE"]
+            continue
+        assert not latest.unsupported, (name, latest.unsupported)
+        assert set(jetpack.unsupported) <= set(DECOMPOSABLE), (name, jetpack.unsupported)
+
+
+def test_decomposed_graphs_match_for_older_tensorrt(exported, tmp_path):
+    """Attention / RMSNormalization / RotaryEmbedding rewritten from their ONNX function definitions: importable
+    by TensorRT 10.3 per the table, and the same numbers on ONNX Runtime."""
+    import onnxruntime as ort
+
+    from vlm_export.exporter.trt_ops import DECOMPOSABLE, check_graph, decompose
+
+    manifest = Manifest.load(exported)
+    work = tmp_path / "graphs"
+    shutil.copytree(exported, work)
+    source = work / manifest.graphs["decoder"].file
+    target = work / "decoder.trt.onnx"
+    rewritten = decompose(source, target, list(DECOMPOSABLE))
+    assert "Attention" in rewritten and "RMSNormalization" in rewritten
+    report = check_graph(target, "10.3")
+    assert not report.unsupported and not report.restrictions
+    assert not {op for _, op in report.ops} & set(DECOMPOSABLE)
+
+    rng = np.random.default_rng(0)
+    dims = {"batch": 2, "sequence": 3, "past_sequence": 4, "total_sequence": 7, "num_visual_tokens": 2}
+    feeds = {}
+    for tensor in manifest.graphs["decoder"].inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.name == "attention_mask":
+            value = np.ones(shape, np.int64)
+            value[1, :2] = 0
+        elif tensor.name == "position_ids":
+            value = np.broadcast_to(np.arange(4, 7), shape).astype(np.int64)
+        elif tensor.dtype == "bool":
+            value = np.zeros(shape, bool)
+            value[:, 1] = True
+        else:
+            value = rng.standard_normal(shape).astype(np.float32)
+        feeds[tensor.name] = value
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    want = ort.InferenceSession(str(source), options).run(None, feeds)
+    got = ort.InferenceSession(str(target), options).run(None, feeds)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(want, got, strict=True))
+    assert worst <= 2e-5, worst
+
+
+def test_check_ops_reports_without_tensorrt(exported_qwen2_5_vl, exported_qwen3_vl_moe, capsys):
+    from vlm_export.exporter.cli import main
+
+    assert main(["build-engines", str(exported_qwen2_5_vl), "--check-ops", "10.3"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder" in out and "rewrites RMSNormalization, Attention" in out
+    assert main(["build-engines", str(exported_qwen3_vl_moe), "--check-ops", "10.15"]) == 1
+    assert "CANNOT import" in capsys.readouterr().out
+
+
+def test_engine_metadata_round_trips_through_the_manifest(exported_qwen2_5_vl, tmp_path):
+    """What build-engines writes to manifest.json survives save/load and is what the trt backend checks."""
+    from vlm_export.exporter.engines import engine_entry, engine_metadata
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, folder)
+    manifest = Manifest.load(folder)
+    limits = _limits(manifest)
+    profiles = engine_profiles(manifest, folder, limits)
+    meta = engine_metadata("10.3.0.30", "8.7", "fp16", True, limits)
+    for name, specs in profiles.items():
+        meta["graphs"][name] = engine_entry(f"{name}.engine", f"{name}.onnx", ["Attention"], specs, 1.234)
+    manifest.engines["tensorrt"] = meta
+    manifest.limits = limits.to_limits()
+    manifest.save(folder)
+
+    loaded = Manifest.load(folder)
+    saved = loaded.engines["tensorrt"]
+    assert check_engines(folder, loaded, "10.3.0.26", "8.7") == saved
+    assert saved["limits"] == {"max_batch": 2, "max_seq_len": 512, "max_image_pixels": 200704, "max_images": 3}
+    assert loaded.limits.max_batch == 2 and loaded.limits.max_seq_len == 512
+    decoder = saved["graphs"]["decoder"]
+    assert [p["name"] for p in decoder["profiles"]] == ["prefill", "decode"]
+    assert decoder["profiles"][1]["shapes"]["attention_mask"] == {"min": [1, 2], "opt": [1, 512], "max": [2, 512]}
+    assert decoder["build_s"] == 1.23 and decoder["rewritten_ops"] == ["Attention"]
+    with pytest.raises(BackendError, match=r"compute capability 8\.7"):
+        check_engines(folder, loaded, "10.3.0.30", "9.0")

@@ -1,0 +1,331 @@
+"""Weight-only block-wise int4 / int8 quantization of exported graphs with ONNX Runtime's own quantizer.
+
+Decode on a CPU is bound by the bytes of weights read per token, so storing the decoder's matrices in 4 or 8
+bits (ONNX Runtime's ``com.microsoft.MatMulNBits``, one fp32 scale and zero point per block of ``block_size``
+input channels) cuts the bytes ~6x / ~3.5x. ``accuracy_level`` 4 lets MLAS quantize the activations to int8
+per block and run int8 dot products (VNNI), the fast CPU path; lower levels dequantize to fp32 first.
+The embedding table (a Gather) becomes ``GatherBlockQuantized`` for int4 (the quantizer has no 8-bit Gather).
+The vision encoder's linear layers are exported as ``Gemm``; they are rewritten as MatMul + Add first so the
+quantizer (MatMul only) can take them.
+
+Quantized graphs are not exact, so they are not verified against transformers; `agreement.top1_agreement`
+measures teacher-forced top-1 agreement with the fp32 export instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from vlm_export.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+#: --quantize value -> bits per weight.
+SCHEMES = {"int4": 4, "int8": 8}
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4
+#: Graphs quantized when none are named (see README, "Quantization": the vision encoder is compute-bound and
+#: gains little; its weights are read once per image, not once per token).
+DEFAULT_GRAPHS = ("decoder", "embedding")
+QUANTIZABLE_GRAPHS = ("vision_encoder", "embedding", "decoder")
+#: Protobuf cannot hold more than 2 GiB; the same threshold as onnx_export.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Smallest weight (elements) worth a quantized kernel: tiny projections stay fp32.
+MIN_WEIGHT_ELEMENTS = 1024
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@dataclass
+class QuantizeConfig:
+    """What `--quantize` asked for; recorded in the manifest's ``quantization`` field."""
+
+    scheme: str
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    graphs: tuple[str, ...] = DEFAULT_GRAPHS
+    symmetric: bool = False
+
+    @property
+    def bits(self) -> int:
+        return SCHEMES[self.scheme]
+
+    def validate(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ExportError(f"--quantize {self.scheme} is not supported; choose none, {', '.join(SCHEMES)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(
+                f"--quant-block-size must be a power of two >= 16 (ONNX Runtime's MatMulNBits), got {self.block_size}"
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(
+                f"--quant-accuracy-level must be 0-4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute), "
+                f"got {self.accuracy_level}"
+            )
+        unknown = [g for g in self.graphs if g not in QUANTIZABLE_GRAPHS]
+        if unknown or not self.graphs:
+            raise ExportError(
+                f"--quant-graphs takes a comma-separated subset of {', '.join(QUANTIZABLE_GRAPHS)}, got "
+                f"{','.join(self.graphs) or 'nothing'}"
+            )
+
+
+@dataclass
+class GraphQuantization:
+    """What happened to one graph: nodes rewritten and bytes of initializers before/after."""
+
+    matmuls: int = 0
+    gathers: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    kept_float: list[str] = field(default_factory=list)  # weight-bearing nodes left as they were, and why
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def manifest_record(config: QuantizeConfig, per_graph: dict[str, GraphQuantization]) -> dict[str, Any]:
+    """The manifest's ``quantization`` section (empty dict = not quantized)."""
+    import onnxruntime
+
+    return {
+        "scheme": config.scheme,
+        "method": "weight-only, block-wise, round-to-nearest (onnxruntime MatMulNBitsQuantizer)",
+        "bits": config.bits,
+        "block_size": config.block_size,
+        "accuracy_level": config.accuracy_level,
+        "symmetric": config.symmetric,
+        "quantizer": f"onnxruntime {onnxruntime.__version__}",
+        "graphs": {
+            name: {"matmul_nbits": q.matmuls, "gather_block_quantized": q.gathers, "bytes": q.bytes_after}
+            for name, q in per_graph.items()
+        },
+    }
+
+
+def _initializer_bytes(graph: onnx.GraphProto) -> int:
+    total = 0
+    for tensor in graph.initializer:
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:
+            total += numpy_helper.to_array(tensor).nbytes
+    return total
+
+
+def _gemm_to_matmul(graph: onnx.GraphProto) -> int:
+    """Rewrite ``Gemm(A, W, b, transB=1)`` with constant W [N, K] as ``MatMul(A, W^T) + b`` (returns how many).
+
+    The quantizer only takes MatMul with a constant [K, N] weight; torch exports 2-D ``nn.Linear`` as Gemm.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes: list[onnx.NodeProto] = []
+    rewritten = 0
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = initializers.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if weight is None or not plain or weight.data_type not in _FLOAT_TYPES:
+            nodes.append(node)
+            continue
+        array = numpy_helper.to_array(weight)
+        if attrs.get("transB", 0):
+            array = np.ascontiguousarray(array.T)
+        name = node.name or f"gemm_{rewritten}"
+        matmul_weight = numpy_helper.from_array(array, f"{weight.name}_kn")
+        del array
+        if uses[weight.name] == 1:  # drop the [N, K] copy now: peak memory stays ~ one copy of the weights
+            graph.initializer.remove(weight)
+        graph.initializer.append(matmul_weight)
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], matmul_weight.name], [product], name=name))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_bias"))
+        rewritten += 1
+    if rewritten:
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+    return rewritten
+
+
+def _targets(graph: onnx.GraphProto, bits: int) -> tuple[list[str], list[str], list[str]]:
+    """Names of the MatMul and Gather nodes to quantize, and the weight-bearing nodes left float (with why)."""
+    shapes = {t.name: (list(t.dims), t.data_type) for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    matmuls, gathers, kept = [], [], []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in shapes:
+            dims, dtype = shapes[node.input[1]]
+            if dtype in _FLOAT_TYPES and len(dims) >= 2 and all(d == 1 for d in dims[:-2]):
+                if uses[node.input[1]] > 1:  # the quantizer would write one packed copy per use, same name
+                    kept.append(f"{node.name} (weight shared with another node)")
+                elif int(np.prod(dims)) >= MIN_WEIGHT_ELEMENTS:
+                    matmuls.append(node.name)
+                else:
+                    kept.append(f"{node.name} (small)")
+        elif node.op_type == "Gather" and node.input[0] in shapes:
+            dims, dtype = shapes[node.input[0]]
+            if dtype in _FLOAT_TYPES and len(dims) == 2 and int(np.prod(dims)) >= MIN_WEIGHT_ELEMENTS:
+                if bits == 4:
+                    gathers.append(node.name)
+                else:
+                    kept.append(f"{node.name} (no {bits}-bit GatherBlockQuantized in the quantizer)")
+    return matmuls, gathers, kept
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """The quantizer selects nodes by name; give unnamed ones a unique name."""
+    taken = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQuantization:
+    """Quantize the graph file ``source`` into ``target`` (external data beside it when over ~1.8 GB)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    # The quantizer logs every node at INFO (and calls logging.basicConfig on import): keep it to warnings.
+    logging.getLogger("onnxruntime.quantization").setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    model = onnx.load(str(source), load_external_data=True)
+    graph = model.graph
+    _name_nodes(graph)
+    result = GraphQuantization(bytes_before=_initializer_bytes(graph))
+    _gemm_to_matmul(graph)
+    matmuls, gathers, kept = _targets(graph, config.bits)
+    result.kept_float = kept
+    if matmuls or gathers:
+        included = set(matmuls) | set(gathers)
+        op_types = ("MatMul", "Gather") if gathers else ("MatMul",)
+        excluded = [n.name for n in graph.node if n.op_type in op_types and n.name not in included]
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=config.bits,
+            block_size=config.block_size,
+            is_symmetric=config.symmetric,
+            accuracy_level=config.accuracy_level or None,
+            nodes_to_exclude=excluded,
+            quant_format=QuantFormat.QOperator,
+            op_types_to_quantize=op_types,
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    counts = {op: sum(1 for n in model.graph.node if n.op_type == op) for op in ("MatMulNBits", "GatherBlockQuantized")}
+    result.matmuls, result.gathers = counts["MatMulNBits"], counts["GatherBlockQuantized"]
+    if result.matmuls != len(matmuls) or result.gathers != len(gathers):
+        raise ExportError(
+            f"quantizing {source.name}: expected {len(matmuls)} MatMulNBits and {len(gathers)} GatherBlockQuantized "
+            f"nodes, got {result.matmuls} and {result.gathers}; please report this model and your onnxruntime version"
+        )
+    result.bytes_after = _initializer_bytes(model.graph)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    external = result.bytes_after > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=target.name + ".data",
+        size_threshold=1024,
+    )
+    logger.info(
+        "%s: %d MatMulNBits, %d GatherBlockQuantized, weights %.1f -> %.1f MB",
+        source.stem,
+        result.matmuls,
+        result.gathers,
+        result.bytes_before / 1e6,
+        result.bytes_after / 1e6,
+    )
+    return result
+
+
+def graph_files(folder: Path, file: str) -> list[Path]:
+    """The graph file and the external-data files it references (to move or delete them together)."""
+    path = folder / file
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path, *(folder / loc for loc in sorted(locations))]
+
+
+#: Fixed input of the export-time agreement check: a seeded small image (exercises a quantized vision encoder)
+#: and a text prompt; AGREEMENT_TOKENS forced positions.
+AGREEMENT_TOKENS = 16
+AGREEMENT_PROMPT = "Describe this picture in detail, then tell a short story about it."
+
+
+def agreement_conversation() -> list[dict[str, Any]]:
+    """The conversation `quantize_export` measures agreement on (seeded, so the number is reproducible)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:112, 0:140]
+    base = np.stack([x, y, (x + y) // 2], axis=-1) * (255 / 280)
+    image = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": AGREEMENT_PROMPT}]}
+    ]
+
+
+def quantize_export(folder: Path, manifest: Any, config: QuantizeConfig) -> dict[str, Any]:
+    """Quantize ``config.graphs`` of the complete fp32 export in ``folder`` in place; returns the manifest record.
+
+    Each graph is quantized into a side folder, teacher-forced top-1 agreement of the quantized export with the
+    fp32 one is measured (`agreement.top1_agreement`), then the fp32 files are replaced by the quantized ones.
+    """
+    import copy
+
+    from vlm_export.exporter.agreement import top1_agreement
+    from vlm_export.runtime import VLMPipeline
+
+    side = folder / ".quantized"
+    per_graph: dict[str, GraphQuantization] = {}
+    candidate = copy.deepcopy(manifest)
+    for name in config.graphs:
+        info = manifest.graphs[name]
+        per_graph[name] = quantize_graph(folder / info.file, side / info.file, config)
+        candidate.graphs[name].file = f"{side.name}/{info.file}"
+    reference = VLMPipeline(folder, manifest, "ort-cpu")
+    quantized = VLMPipeline(folder, candidate, "ort-cpu")
+    agreement = top1_agreement(reference, quantized, [agreement_conversation()], AGREEMENT_TOKENS)
+    del reference, quantized  # release the sessions (and their mapped files) before the files move
+    for name in config.graphs:
+        info = manifest.graphs[name]
+        for path in graph_files(folder, info.file):
+            path.unlink()
+        for path in graph_files(side, info.file):
+            path.rename(folder / path.name)
+    side.rmdir()
+    record = manifest_record(config, per_graph)
+    record["agreement_vs_float32"] = {"prompt": "agreement_conversation() in vlm_export/exporter/quantize.py"}
+    record["agreement_vs_float32"].update(agreement.to_dict())
+    logger.info(
+        "teacher-forced top-1 agreement with float32: %.3f over %d positions (top-5 %.3f)",
+        agreement.top1,
+        agreement.positions,
+        agreement.top5,
+    )
+    return record

@@ -1,0 +1,318 @@
+"""TensorRT backend: engines built by `vlm-export build-engines`, run with execution contexts on one CUDA stream.
+
+Device memory goes through polygraphy's CUDA wrapper (ctypes over libcudart), never torch. Outputs are
+`GpuTensor`s that stay on the GPU and are accepted back as inputs, so the KV cache never visits the host between
+decode steps; only `to_numpy` copies (the last-position logits, once per step). Each output name has two device
+buffers used in turn (a decode step reads the cache from one and writes the grown cache into the other), so an
+output stays valid until the session has run twice more — the generation loop only ever feeds call t's outputs
+into call t+1.
+
+tensorrt and polygraphy are imported when the backend is created, never at module import, so the runtime imports
+and runs on machines without them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.errors import InputError, VLMExportError
+from vlm_export.manifest import GraphInfo, Manifest
+
+logger = logging.getLogger(__name__)
+
+ENGINE_KEY = "tensorrt"  # manifest.engines[ENGINE_KEY] holds what `build-engines` wrote
+INSTALL_HINT = (
+    "install it with `pip install 'vlm-export[trt]'` on a machine with an NVIDIA GPU, or use the Docker image "
+    "(see the README)"
+)
+# Which export/build flag raises the limit behind each symbolic axis (any other axis is a vision axis).
+AXIS_FLAGS = {
+    "batch": "--max-batch",
+    "sequence": "--max-seq-len",
+    "past_sequence": "--max-seq-len",
+    "total_sequence": "--max-seq-len",
+}
+VISION_FLAGS = "--max-images or --max-image-pixels"
+_MIN_ALLOC = 256  # bytes; empty tensors still get a valid, aligned address
+
+
+class BackendError(VLMExportError):
+    """A TensorRT engine is missing, stale or failed to run; the message says how to fix it."""
+
+
+def rebuild_command(folder: Path | str) -> str:
+    return f"vlm-export build-engines {folder}"
+
+
+def engine_mismatch(meta: Mapping[str, Any], trt_version: str, compute_capability: str | None) -> str | None:
+    """Why engines described by `meta` cannot run here (None if they can): TensorRT engines run only with the
+    TensorRT version that built them and on GPUs of the same compute capability."""
+
+    def release(version: str) -> tuple[str, ...]:
+        return tuple(str(version).split(".")[:3])
+
+    built_version = meta.get("tensorrt_version")
+    built_cc = meta.get("compute_capability")
+    reasons = []
+    if built_version and release(built_version) != release(trt_version):
+        reasons.append(f"TensorRT {built_version} built them, this machine has TensorRT {trt_version}")
+    if built_cc and compute_capability and str(built_cc) != str(compute_capability):
+        reasons.append(f"they were built for compute capability {built_cc}, this GPU is {compute_capability}")
+    return "; ".join(reasons) or None
+
+
+def check_engines(folder: Path, manifest: Manifest, trt_version: str, compute_capability: str | None) -> dict:
+    """The manifest's TensorRT section, after checking it exists and matches this machine."""
+    meta = manifest.engines.get(ENGINE_KEY)
+    if not meta or not meta.get("graphs"):
+        raise BackendError(
+            f"{folder} has no TensorRT engines; build them on this machine with `{rebuild_command(folder)}` "
+            "(or export with --engine trt)"
+        )
+    reason = engine_mismatch(meta, trt_version, compute_capability)
+    if reason:
+        raise BackendError(
+            f"the TensorRT engines in {folder} cannot run here: {reason}; rebuild them with `{rebuild_command(folder)}`"
+        )
+    return meta
+
+
+def limit_message(graph: str, name: str, axis: str, value: int, low: int, high: int, folder: Path | str) -> str:
+    """One line for an input outside every profile: which limit, and which flag raises it."""
+    flag = AXIS_FLAGS.get(axis, VISION_FLAGS)
+    what = "the images of one request" if axis not in AXIS_FLAGS else axis.replace("_", " ")
+    return (
+        f"{graph}: {name} needs {axis}={value} but the TensorRT engine was built for {low}..{high}; reduce "
+        f"{what} or rebuild the engines with a larger {flag} (`{rebuild_command(folder)} {flag.split()[0]} N`)"
+    )
+
+
+@dataclass
+class GpuTensor:
+    """A tensor in device memory owned by a session's buffer pool (valid until that session's second-next run)."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError(
+            f"the trt backend needs TensorRT, which is not installed: {INSTALL_HINT}; or use --backend ort-cpu"
+        ) from None
+    try:
+        from polygraphy import cuda
+    except ImportError:
+        raise BackendError(
+            f"the trt backend needs polygraphy, which is not installed: {INSTALL_HINT}; or use --backend ort-cpu"
+        ) from None
+    return trt, cuda
+
+
+def compute_capability(device_id: int = 0) -> str:
+    """ "major.minor" of a CUDA device, via the CUDA runtime polygraphy loads."""
+    from polygraphy import cuda
+
+    handle = cuda.wrapper().handle
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    # cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76
+    if handle.cudaDeviceGetAttribute(ctypes.byref(major), 75, device_id) or handle.cudaDeviceGetAttribute(
+        ctypes.byref(minor), 76, device_id
+    ):
+        raise BackendError(f"cannot query CUDA device {device_id}; check `nvidia-smi` and the CUDA driver")
+    return f"{major.value}.{minor.value}"
+
+
+class TrtSession:
+    """One engine; one execution context per optimization profile, created on first use."""
+
+    def __init__(self, backend: TrtBackend, engine: Any, info: GraphInfo, name: str, meta: dict):
+        trt = backend.trt
+        self.backend = backend
+        self.engine = engine
+        self.info = info
+        self.name = name
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self.ranges = [
+            {
+                n: tuple(tuple(int(v) for v in dims) for dims in engine.get_tensor_profile_shape(n, index))
+                for n in self.inputs
+            }
+            for index in range(engine.num_optimization_profiles)
+        ]
+        self.axes = {t.name: t.shape for t in info.inputs}
+        self.contexts: dict[int, Any] = {}
+        self.staging: dict[str, Any] = {}
+        self.pools: dict[str, list[Any]] = {}
+
+    # -- profiles ------------------------------------------------------------------------------------
+    def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        for name, shape in shapes.items():
+            low, _, high = self.ranges[index][name]
+            if len(shape) != len(low) or any(v < lo or v > hi for v, lo, hi in zip(shape, low, high, strict=True)):
+                return False
+        return True
+
+    def select_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        for index in range(len(self.ranges)):
+            if self._fits(index, shapes):
+                return index
+        # Name the first axis outside the widest range any profile allows.
+        for name, shape in shapes.items():
+            for dim, value in enumerate(shape):
+                low = min(int(r[name][0][dim]) for r in self.ranges)
+                high = max(int(r[name][2][dim]) for r in self.ranges)
+                if not low <= value <= high:
+                    axis = self.axes.get(name, [])[dim] if dim < len(self.axes.get(name, [])) else f"dim{dim}"
+                    raise InputError(limit_message(self.name, name, str(axis), value, low, high, self.backend.folder))
+        raise InputError(
+            f"{self.name}: no TensorRT profile accepts the input shapes {dict(shapes)} together "
+            f"(profiles: {[r for r in self.ranges]}); rebuild with `{rebuild_command(self.backend.folder)}`"
+        )
+
+    def _context(self, index: int) -> Any:
+        context = self.contexts.get(index)
+        if context is None:
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise BackendError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
+            if not context.set_optimization_profile_async(index, self.backend.stream.ptr):
+                raise BackendError(f"{self.name}: TensorRT refused optimization profile {index}")
+            self.contexts[index] = context
+        return context
+
+    # -- buffers -------------------------------------------------------------------------------------
+    def _grow(self, buffer: Any, nbytes: int) -> Any:
+        if buffer.allocated_nbytes < nbytes or buffer.allocated_nbytes == 0:
+            buffer.resize((max(nbytes, 2 * buffer.allocated_nbytes, _MIN_ALLOC),))
+        return buffer
+
+    def _input_ptr(self, name: str, value: Any) -> tuple[int, tuple[int, ...]]:
+        want = self.dtypes[name]
+        if isinstance(value, GpuTensor):
+            if value.dtype != want:
+                raise BackendError(f"{self.name}: {name} is {value.dtype} on the GPU but the engine takes {want}")
+            return value.ptr, value.shape
+        array = np.ascontiguousarray(value, dtype=want)
+        cuda = self.backend.cuda
+        buffer = self.staging.get(name)
+        if buffer is None:
+            buffer = self.staging[name] = cuda.DeviceArray.raw((0,))
+        self._grow(buffer, array.nbytes)
+        if array.nbytes:
+            cuda.wrapper().memcpy(
+                buffer.ptr, array.ctypes.data, array.nbytes, cuda.MemcpyKind.HostToDevice, self.backend.stream.ptr
+            )
+        return buffer.ptr, tuple(array.shape)
+
+    def _output_buffer(self, name: str, nbytes: int, busy: set[int]) -> Any:
+        cuda = self.backend.cuda
+        pool = self.pools.setdefault(name, [cuda.DeviceArray.raw((0,)), cuda.DeviceArray.raw((0,))])
+        free = [b for b in pool if b.ptr not in busy]
+        if not free:
+            raise BackendError(f"{self.name}: both buffers of output {name} are inputs of this call")
+        return self._grow(free[0], nbytes)
+
+    # -- run -----------------------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, GpuTensor]:
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise BackendError(f"{self.name}: inputs {missing} were not given")
+        bound = {name: self._input_ptr(name, feeds[name]) for name in self.inputs}
+        index = self.select_profile({name: shape for name, (_, shape) in bound.items()})
+        context = self._context(index)
+        for name, (ptr, shape) in bound.items():
+            if not context.set_input_shape(name, shape) or not context.set_tensor_address(name, ptr):
+                raise BackendError(f"{self.name}: TensorRT rejected input {name} with shape {shape}")
+        busy = {ptr for ptr, _ in bound.values()}
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise BackendError(f"{self.name}: output {name} has a data-dependent shape {shape}, not supported")
+            dtype = self.dtypes[name]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            buffer = self._output_buffer(name, nbytes, busy)
+            context.set_tensor_address(name, buffer.ptr)
+            outputs[name] = GpuTensor(buffer.ptr, shape, dtype)
+        if not context.execute_async_v3(self.backend.stream.ptr):
+            raise BackendError(f"{self.name}: TensorRT execution failed (see the TensorRT log above)")
+        return outputs
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        if not isinstance(value, GpuTensor):
+            return np.asarray(value)
+        cuda = self.backend.cuda
+        host = np.empty(value.shape, dtype=value.dtype)
+        self.backend.stream.synchronize()
+        if host.nbytes:
+            cuda.wrapper().memcpy(host.ctypes.data, value.ptr, host.nbytes, cuda.MemcpyKind.DeviceToHost)
+        return host
+
+    def free(self) -> None:
+        for buffer in [*self.staging.values(), *(b for pool in self.pools.values() for b in pool)]:
+            buffer.free()
+        self.staging.clear()
+        self.pools.clear()
+
+
+class TrtBackend:
+    """Loads `<graph>.engine` files listed in the manifest's `engines.tensorrt` section."""
+
+    name = "trt"
+
+    def __init__(self, device_id: int = 0):
+        self.trt, self.cuda = _import_trt()
+        self.device_id = device_id
+        handle = self.cuda.wrapper().handle
+        if handle.cudaSetDevice(device_id):
+            raise BackendError(f"CUDA device {device_id} is not available; check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
+        self.compute_capability = compute_capability(device_id)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.stream = self.cuda.Stream()
+        self.folder: Path | None = None
+        self._meta: dict | None = None
+
+    def _engines(self, folder: Path) -> dict:
+        if self._meta is None or self.folder != folder:
+            manifest = Manifest.load(folder)
+            self._meta = check_engines(folder, manifest, self.trt.__version__, self.compute_capability)
+            self._manifest = manifest
+            self.folder = folder
+        return self._meta
+
+    def load(self, path: Path, info: GraphInfo) -> TrtSession:
+        folder = Path(path).parent
+        meta = self._engines(folder)
+        name = next((g for g, i in self._manifest.graphs.items() if i.file == info.file), Path(path).stem)
+        entry = meta["graphs"].get(name)
+        if entry is None:
+            raise BackendError(f"no TensorRT engine for the {name} graph in {folder}; run `{rebuild_command(folder)}`")
+        engine_path = folder / entry["engine"]
+        if not engine_path.is_file():
+            raise BackendError(f"{engine_path} is missing; rebuild the engines with `{rebuild_command(folder)}`")
+        engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise BackendError(
+                f"TensorRT {self.trt.__version__} cannot load {engine_path} (built by another TensorRT version or for "
+                f"another GPU, or truncated); rebuild the engines with `{rebuild_command(folder)}`"
+            )
+        return TrtSession(self, engine, info, name, entry)
