@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SCHEMES = {"int4": 4, "int8": 8}
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
-#: Graphs quantized when none are named (see README, "Quantization": the vision encoder is compute-bound and
+#: Graphs quantized when none are named (README, "Quantized weights (CPU)": the vision encoder is compute-bound and
 #: gains little; its weights are read once per image, not once per token).
 DEFAULT_GRAPHS = ("decoder", "embedding")
 QUANTIZABLE_GRAPHS = ("vision_encoder", "embedding", "decoder")
@@ -201,10 +201,14 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
 
 def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQuantization:
     """Quantize the graph file ``source`` into ``target`` (external data beside it when over ~1.8 GB)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    # The quantizer logs every node at INFO (and calls logging.basicConfig on import): keep it to warnings.
+    # The quantizer's module calls logging.basicConfig(level=INFO) on import: undo that for a library caller, and
+    # keep its per-node INFO lines out of the export's log.
+    root.handlers[:], root.level = handlers, level
     logging.getLogger("onnxruntime.quantization").setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     model = onnx.load(str(source), load_external_data=True)
     graph = model.graph
