@@ -137,7 +137,7 @@ def _summary(result) -> str:
                 f"  teacher-forced agreement with float32: top-1 {agreement['top1']:.3f}, "
                 f"top-5 {agreement['top5']:.3f} over {agreement['positions']} tokens"
             )
-    lines.append(f'run it: vlm-run {result.output} --prompt "..." [--image PATH]')
+    lines.append(f'run it: vlm-run {result.output} --prompt "..." [--image PATH] [--video PATH]')
     return "\n".join(lines)
 
 

@@ -325,7 +325,7 @@ def summary(manifest: Manifest, folder: Path) -> str:
     for name, entry in meta["graphs"].items():
         rewritten = f", rewrote {', '.join(entry['rewritten_ops'])}" if entry["rewritten_ops"] else ""
         lines.append(f"  {name:<16}{entry['engine']:<24}{len(entry['profiles'])} profile(s){rewritten}")
-    lines.append(f'run it: vlm-run {folder} --backend trt --prompt "..." [--image PATH]')
+    lines.append(f'run it: vlm-run {folder} --backend trt --prompt "..." [--image PATH] [--video PATH]')
     return "\n".join(lines)
 
 
