@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 
 from vlm_export.errors import ExportError, InputError, ManifestError
+from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
 from vlm_export.runtime.image_io import convert_to_rgb, describe_source
 
 __all__ = [
@@ -45,15 +46,13 @@ __all__ = [
 DEFAULT_IMAGE_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
     (384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)
 )
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Class defaults of LlavaOnevisionImageProcessorPil (image_processing_pil_llava_onevision.py, lines 54-66).
 _DEFAULTS: dict[str, Any] = {
     "size": {"height": 384, "width": 384},
     "crop_size": None,
     "image_grid_pinpoints": DEFAULT_IMAGE_GRID_PINPOINTS,
-    "image_mean": _OPENAI_CLIP_MEAN,
-    "image_std": _OPENAI_CLIP_STD,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
     "rescale_factor": 1 / 255,
     "resample": int(PIL.Image.Resampling.BICUBIC),
     "do_resize": True,
@@ -132,8 +131,8 @@ class LlavaOnevisionImageConfig:
                 size=size,
                 tile_size=int(tile_size or size[0]),
                 image_grid_pinpoints=_pinpoints(get("image_grid_pinpoints")),
-                image_mean=_three_floats(get("image_mean")),
-                image_std=_three_floats(get("image_std")),
+                image_mean=three_floats(get("image_mean")),
+                image_std=three_floats(get("image_std")),
                 rescale_factor=float(get("rescale_factor")),
                 resample=int(get("resample")),
                 **flags,
@@ -165,8 +164,8 @@ class LlavaOnevisionImageConfig:
             height, width = (int(v) for v in values["size"])
             values["size"] = (height, width)
             values["image_grid_pinpoints"] = _pinpoints(values["image_grid_pinpoints"])
-            values["image_mean"] = _three_floats(values["image_mean"])
-            values["image_std"] = _three_floats(values["image_std"])
+            values["image_mean"] = three_floats(values["image_mean"])
+            values["image_std"] = three_floats(values["image_std"])
             values["tile_size"] = int(values["tile_size"])
             values["resample"] = int(values["resample"])
             values["rescale_factor"] = float(values["rescale_factor"])
@@ -236,16 +235,6 @@ def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
             raise ValueError(f"image_grid_pinpoints entry {entry!r} is not a [height, width] pair")
         pairs.append((int(entry[0]), int(entry[1])))
     return tuple(pairs)
-
-
-def _three_floats(value: Any) -> tuple[float, float, float]:
-    """Per-channel mean/std; a scalar applies to all three channels, as in transformers' normalize."""
-    if isinstance(value, int | float):
-        return (float(value),) * 3
-    values = tuple(float(v) for v in value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 per-channel values, got {len(values)}")
-    return values  # type: ignore[return-value]
 
 
 def select_best_resolution(image_size: tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:

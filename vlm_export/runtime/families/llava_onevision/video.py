@@ -25,6 +25,7 @@ import numpy as np
 
 from vlm_export.errors import ExportError, InputError, ManifestError
 from vlm_export.runtime.families.llava_onevision.packing import bilinear_resize
+from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
 from vlm_export.runtime.video_resize import resize_frames
 
 __all__ = [
@@ -35,16 +36,14 @@ __all__ = [
     "sample_frame_indices",
 ]
 
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _BILINEAR, _BICUBIC = 2, 3  # PIL.Image.Resampling values, as the processor configs store them
 _MODES = {_BILINEAR: "bilinear", _BICUBIC: "bicubic"}  # torchvision's interpolation for each
 # Class defaults of LlavaOnevisionVideoProcessor and BaseVideoProcessor (video_processing_llava_onevision.py).
 _DEFAULTS: dict[str, Any] = {
     "size": {"height": 384, "width": 384},
     "resample": _BICUBIC,
-    "image_mean": _OPENAI_CLIP_MEAN,
-    "image_std": _OPENAI_CLIP_STD,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
     "rescale_factor": 1 / 255,
     "do_resize": True,
     "do_rescale": True,
@@ -100,8 +99,8 @@ class LlavaOnevisionVideoConfig:
             cfg = cls(
                 size=hw,
                 resample=int(get("resample") if get("resample") is not None else _BILINEAR),
-                image_mean=_three_floats(get("image_mean")),
-                image_std=_three_floats(get("image_std")),
+                image_mean=three_floats(get("image_mean")),
+                image_std=three_floats(get("image_std")),
                 rescale_factor=float(get("rescale_factor")),
                 do_resize=bool(get("do_resize")),
                 do_rescale=bool(get("do_rescale")),
@@ -132,8 +131,8 @@ class LlavaOnevisionVideoConfig:
         try:
             values = {n: d[n] for n in fields if n in d}
             values["size"] = tuple(int(v) for v in values["size"])
-            values["image_mean"] = _three_floats(values["image_mean"])
-            values["image_std"] = _three_floats(values["image_std"])
+            values["image_mean"] = three_floats(values["image_mean"])
+            values["image_std"] = three_floats(values["image_std"])
             values["resample"] = int(values["resample"])
             values["rescale_factor"] = float(values["rescale_factor"])
             cfg = cls(**values)
@@ -153,15 +152,6 @@ class LlavaOnevisionVideoConfig:
             raise error(f"video processor num_frames must be positive, got {self.num_frames}")
         if self.fps is not None and self.fps <= 0:
             raise error(f"video processor fps must be positive, got {self.fps}")
-
-
-def _three_floats(value: Any) -> tuple[float, float, float]:
-    if isinstance(value, int | float):
-        return (float(value),) * 3
-    values = tuple(float(v) for v in value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 per-channel values, got {len(values)}")
-    return values  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------ sampling

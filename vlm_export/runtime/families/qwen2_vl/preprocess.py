@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 
 from vlm_export.errors import ExportError, InputError, ManifestError
+from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
 from vlm_export.runtime.image_io import convert_to_rgb, describe_source
 
 __all__ = [
@@ -33,14 +34,12 @@ __all__ = [
 ]
 
 # Class defaults of Qwen2VLImageProcessorPil (image_processing_pil_qwen2_vl.py, lines 89-100).
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DEFAULTS: dict[str, Any] = {
     "patch_size": 14,
     "temporal_patch_size": 2,
     "merge_size": 2,
-    "image_mean": _OPENAI_CLIP_MEAN,
-    "image_std": _OPENAI_CLIP_STD,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
     "rescale_factor": 1 / 255,
     "do_resize": True,
     "do_rescale": True,
@@ -132,8 +131,8 @@ class Qwen2VLImageConfig:
                 merge_size=int(get("merge_size")),
                 min_pixels=int(min_pixels),
                 max_pixels=int(max_pixels),
-                image_mean=_three_floats(get("image_mean")),
-                image_std=_three_floats(get("image_std")),
+                image_mean=three_floats(get("image_mean")),
+                image_std=three_floats(get("image_std")),
                 rescale_factor=float(get("rescale_factor")),
                 do_convert_rgb=bool(d.get("do_convert_rgb", _DEFAULTS["do_convert_rgb"])),
                 **flags,
@@ -161,8 +160,8 @@ class Qwen2VLImageConfig:
             raise ManifestError(f"image config in manifest lacks {', '.join(missing)}; re-export the model")
         try:
             values = {n: d[n] for n in fields if n in d}
-            values["image_mean"] = _three_floats(values["image_mean"])
-            values["image_std"] = _three_floats(values["image_std"])
+            values["image_mean"] = three_floats(values["image_mean"])
+            values["image_std"] = three_floats(values["image_std"])
             for n in (
                 "patch_size",
                 "temporal_patch_size",
@@ -186,16 +185,6 @@ class Qwen2VLImageConfig:
                 raise error(f"image config {n} must be positive, got {getattr(self, n)}")
         if self.do_normalize and 0.0 in self.image_std:
             raise error(f"image config image_std has a zero: {self.image_std}")
-
-
-def _three_floats(value: Any) -> tuple[float, float, float]:
-    """Per-channel mean/std; a scalar applies to all three channels, as in transformers' normalize."""
-    if isinstance(value, int | float):
-        return (float(value),) * 3
-    values = tuple(float(v) for v in value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 per-channel values, got {len(values)}")
-    return values  # type: ignore[return-value]
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.errors import ExportError, InputError, ManifestError
+from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
 from vlm_export.runtime.families.qwen2_vl.preprocess import patchify, smart_resize
 from vlm_export.runtime.video_io import VideoMetadata
 from vlm_export.runtime.video_resize import resize_frames
@@ -40,15 +41,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values transformers maps to torchvision
 
 #: Class attributes of ``Qwen2VLVideoProcessor`` (video_processing_qwen2_vl.py) and ``BaseVideoProcessor``.
 QWEN2_VL_VIDEO_DEFAULTS: dict[str, Any] = {
     "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
-    "image_mean": _OPENAI_CLIP_MEAN,
-    "image_std": _OPENAI_CLIP_STD,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
     "rescale_factor": 1 / 255,
     "do_resize": True,
     "do_rescale": True,
@@ -136,8 +135,8 @@ class QwenVideoConfig:
                 merge_size=int(get("merge_size")),
                 min_pixels=int(size["shortest_edge"]),
                 max_pixels=int(size["longest_edge"]),
-                image_mean=_three_floats(get("image_mean")),
-                image_std=_three_floats(get("image_std")),
+                image_mean=three_floats(get("image_mean")),
+                image_std=three_floats(get("image_std")),
                 rescale_factor=float(get("rescale_factor")),
                 do_resize=bool(get("do_resize")),
                 do_rescale=bool(get("do_rescale")),
@@ -170,22 +169,13 @@ class QwenVideoConfig:
             raise ManifestError(f"video config in manifest lacks {', '.join(missing)}; re-export the model")
         try:
             values = {n: d[n] for n in names}
-            values["image_mean"] = _three_floats(values["image_mean"])
-            values["image_std"] = _three_floats(values["image_std"])
+            values["image_mean"] = three_floats(values["image_mean"])
+            values["image_std"] = three_floats(values["image_std"])
             cfg = cls(**values)
             cfg.resize_mode  # noqa: B018  (validates resample)
         except (TypeError, ValueError, KeyError) as e:
             raise ManifestError(f"bad video config in manifest: {e!r}; re-export the model") from e
         return cfg
-
-
-def _three_floats(value: Any) -> tuple[float, float, float]:
-    if isinstance(value, int | float):
-        return (float(value),) * 3
-    values = tuple(float(v) for v in value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 per-channel values, got {len(values)}")
-    return values  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
