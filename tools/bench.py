@@ -117,7 +117,9 @@ def _step_rate(times: list[float], batch: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def write_inputs(model_dir: Path, work: Path, prompt_tokens: int, image_size: int) -> dict[str, Any]:
+def write_inputs(
+    model_dir: Path, work: Path, prompt_tokens: int, image_size: int, num_images: int = 4
+) -> dict[str, Any]:
     """Seeded images and a text prompt of ~prompt_tokens templated tokens, shared by both children."""
     from PIL import Image
     from tokenizers import Tokenizer
@@ -126,7 +128,7 @@ def write_inputs(model_dir: Path, work: Path, prompt_tokens: int, image_size: in
 
     rng = np.random.default_rng(0)
     images = []
-    for i in range(4):
+    for i in range(num_images):
         # smooth gradient + noise: a photo-like image, not a constant one
         y, x = np.mgrid[0:image_size, 0:image_size]
         base = np.stack([x, y, (x + y) // 2], axis=-1) * (255 / (2 * image_size))
@@ -174,7 +176,7 @@ def child_ours(onnx_dir: Path, inputs: dict[str, Any], args: argparse.Namespace)
         result["ttft_text_s"] = _median_runs(ttft(_conversation(text, [])), args.repeats)
 
     session = pipe.generator.sessions["vision_encoder"]
-    for n in (1, 4) if "vision" in args.measure else ():
+    for n in _vision_counts(args) if "vision" in args.measure else ():
         _, visual = pipe.prepare([_conversation(text, images[:n])])
         feeds = Generator._conform(session, visual.feeds)
 
@@ -270,7 +272,7 @@ def child_transformers(model_dir: Path, inputs: dict[str, Any], args: argparse.N
         result["ttft_image_s"] = _median_runs(ttft(encode(1, 1)), args.repeats)
         result["ttft_text_s"] = _median_runs(ttft(encode(1, 0)), args.repeats)
 
-    for n in (1, 4) if "vision" in args.measure else ():
+    for n in _vision_counts(args) if "vision" in args.measure else ():
         encoded = encode(1, n)
 
         def vision(encoded: Any = encoded) -> float:
@@ -370,6 +372,25 @@ ROWS = (
 )
 
 
+def _vision_counts(args: argparse.Namespace) -> list[int]:
+    return sorted({int(n) for n in str(args.vision_images).split(",") if n.strip()})
+
+
+def _rows(report: dict[str, Any], sides: list[str]) -> list[tuple[str, str, str, bool]]:
+    """ROWS plus a row for every other vision image count the report holds (--vision-images)."""
+    rows = list(ROWS)
+    known = {key for key, *_ in rows}
+    counts = sorted(
+        {int(k.split("_")[1]) for s in sides for k in report[s] if k.startswith("vision_") and k.endswith("_s")}
+    )
+    at = next(i for i, row in enumerate(rows) if row[0] == "vision_4_s") + 1
+    for n in counts:
+        if f"vision_{n}_s" not in known:
+            rows.insert(at, (f"vision_{n}_s", f"vision encoder, {n} images", "s", False))
+            at += 1
+    return rows
+
+
 def _value(side: dict[str, Any], key: str) -> float | None:
     value = side.get(key)
     return value["median"] if isinstance(value, dict) else value
@@ -413,6 +434,7 @@ def run_child(side: str, args: argparse.Namespace, inputs_file: Path, work: Path
     command = [sys.executable, __file__, str(args.model_dir), str(onnx_dir), "--child", child]
     command += ["--inputs", str(inputs_file), "--child-out", str(out), "--threads", str(args.threads)]
     command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens), "--measure", args.measure]
+    command += ["--vision-images", str(args.vision_images)]
     if args.baseline_onnx is not None:
         command += ["--baseline-onnx", str(args.baseline_onnx)]
     print(f"running {side}{tag} ...", flush=True)
@@ -461,7 +483,7 @@ def print_report(report: dict[str, Any]) -> None:
     header = f"{'':<28}" + "".join(f"{SIDE_LABELS[s]:>14}" for s in sides)
     header += "".join(f"{'ours vs ' + s:>22}" for s in others if "ours" in sides)
     print(header)
-    for key, label, unit, higher in ROWS:
+    for key, label, unit, higher in _rows(report, sides):
         values = {s: _value(report[s], key) for s in sides}
         if all(v is None for v in values.values()):
             continue
@@ -569,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="templated text prompt length (default 64)")
     parser.add_argument("--image-size", type=int, default=448, help="side of the square test images (default 448)")
     parser.add_argument(
+        "--vision-images",
+        default="1,4",
+        help="image counts for the vision-encoder rows, e.g. 1,4,16 to show time grows linearly (default 1,4)",
+    )
+    parser.add_argument(
         "--sides",
         default="ours,transformers",
         help="comma-separated sides to run: ours, baseline, transformers, agreement (default ours,transformers; "
@@ -623,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     timed = [s for s in sides if s != "agreement"]
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         work = Path(tmp)
-        inputs = write_inputs(args.model_dir, work, args.prompt_tokens, args.image_size)
+        inputs = write_inputs(args.model_dir, work, args.prompt_tokens, args.image_size, max(4, *_vision_counts(args)))
         inputs_file = work / "inputs.json"
         inputs_file.write_text(json.dumps(inputs))
         results: dict[str, list[dict[str, Any]]] = {side: [] for side in timed}
