@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quant-graphs",
         default=",".join(DEFAULT_GRAPHS),
-        help=f"comma-separated graphs to quantize (default {','.join(DEFAULT_GRAPHS)}; vision_encoder can be "
-        "added, see README)",
+        help=f"comma-separated graphs to quantize (default {','.join(DEFAULT_GRAPHS)}); adding vision_encoder "
+        "quantizes it to int8 weights and activations whatever the scheme (~2.5x faster ViT, ~4%% error; README)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
