@@ -277,11 +277,23 @@ def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQ
     return result
 
 
+class _DropMessage(logging.Filter):
+    """Drop log records containing `text` (a quantizer's advice that does not apply here)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def quantize_graph_dynamic_int8(source: Path, target: Path) -> GraphQuantization:
     """int8 weights and activations for ``source`` (ONNX Runtime's ``quantize_dynamic``) into ``target``."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as _quantize_dynamic
 
     root.handlers[:], root.level = handlers, level  # see quantize_graph
     logging.getLogger("onnxruntime.quantization").setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
@@ -297,16 +309,21 @@ def quantize_graph_dynamic_int8(source: Path, target: Path) -> GraphQuantization
         staged = Path(scratch) / "float.onnx"
         onnx.save_model(model, str(staged), save_as_external_data=True, location="float.onnx.data")
         del model
-        quantize_dynamic(
-            staged,
-            target,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=matmuls,
-            weight_type=QuantType.QInt8,
-            per_channel=False,
-            extra_options={"MatMulConstBOnly": True},
-            use_external_data_format=result.bytes_before / 4 > EXTERNAL_DATA_THRESHOLD,
-        )
+        hint = _DropMessage("pre-processing before quantization")  # ORT's advice for calibrated CNN quantization
+        root.addFilter(hint)
+        try:
+            _quantize_dynamic(
+                staged,
+                target,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=matmuls,
+                weight_type=QuantType.QInt8,
+                per_channel=False,
+                extra_options={"MatMulConstBOnly": True},
+                use_external_data_format=result.bytes_before / 4 > EXTERNAL_DATA_THRESHOLD,
+            )
+        finally:
+            root.removeFilter(hint)
     quantized = onnx.load(str(target), load_external_data=True)
     result.matmul_integer = sum(1 for n in quantized.graph.node if n.op_type == "MatMulInteger")
     result.bytes_after = _initializer_bytes(quantized.graph)
