@@ -28,7 +28,12 @@ import numpy as np
 import PIL.Image
 
 from vlm_export.errors import ExportError, InputError, ManifestError
-from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
+from vlm_export.runtime.families.processor_values import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    config_from_manifest,
+    three_floats,
+)
 from vlm_export.runtime.image_io import convert_to_rgb, describe_source
 
 __all__ = [
@@ -154,24 +159,20 @@ class LlavaOnevisionImageConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LlavaOnevisionImageConfig:
         """Inverse of :meth:`to_dict`; a manifest missing a field is refused rather than guessed."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in d]
-        if missing:
-            raise ManifestError(f"image config in manifest lacks {', '.join(missing)}; re-export the model")
-        try:
-            values = {n: d[n] for n in fields if n in d}
-            height, width = (int(v) for v in values["size"])
-            values["size"] = (height, width)
-            values["image_grid_pinpoints"] = _pinpoints(values["image_grid_pinpoints"])
-            values["image_mean"] = three_floats(values["image_mean"])
-            values["image_std"] = three_floats(values["image_std"])
-            values["tile_size"] = int(values["tile_size"])
-            values["resample"] = int(values["resample"])
-            values["rescale_factor"] = float(values["rescale_factor"])
-            cfg = cls(**values)
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"bad image config in manifest: {e}; re-export the model") from e
+        cfg = config_from_manifest(
+            cls,
+            d,
+            "image",
+            {
+                "size": _height_width,
+                "image_grid_pinpoints": _pinpoints,
+                "image_mean": three_floats,
+                "image_std": three_floats,
+                "tile_size": int,
+                "resample": int,
+                "rescale_factor": float,
+            },
+        )
         cfg._validate(ManifestError)
         return cfg
 
@@ -223,6 +224,12 @@ def _crop_height(crop: Any) -> int | None:
     if isinstance(crop, Mapping):
         return int(crop["height"]) if crop.get("height") else None
     raise ExportError(f"unsupported image processor 'crop_size' {crop!r}")
+
+
+def _height_width(value: Any) -> tuple[int, int]:
+    """A crop size from the manifest: exactly (height, width)."""
+    height, width = (int(v) for v in value)
+    return height, width
 
 
 def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:

@@ -25,7 +25,12 @@ import numpy as np
 
 from vlm_export.errors import ExportError, InputError, ManifestError
 from vlm_export.runtime.families.llava_onevision.packing import bilinear_resize
-from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
+from vlm_export.runtime.families.processor_values import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    config_from_manifest,
+    three_floats,
+)
 from vlm_export.runtime.video_resize import resize_frames
 
 __all__ = [
@@ -124,20 +129,18 @@ class LlavaOnevisionVideoConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LlavaOnevisionVideoConfig:
         """Inverse of :meth:`to_dict`; a manifest missing a required field is refused rather than guessed."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in d]
-        if missing:
-            raise ManifestError(f"video config in manifest lacks {', '.join(missing)}; re-export the model")
-        try:
-            values = {n: d[n] for n in fields if n in d}
-            values["size"] = tuple(int(v) for v in values["size"])
-            values["image_mean"] = three_floats(values["image_mean"])
-            values["image_std"] = three_floats(values["image_std"])
-            values["resample"] = int(values["resample"])
-            values["rescale_factor"] = float(values["rescale_factor"])
-            cfg = cls(**values)
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"bad video config in manifest: {e}; re-export the model") from e
+        cfg = config_from_manifest(
+            cls,
+            d,
+            "video",
+            {
+                "size": lambda v: tuple(int(x) for x in v),
+                "image_mean": three_floats,
+                "image_std": three_floats,
+                "resample": int,
+                "rescale_factor": float,
+            },
+        )
         cfg._validate(ManifestError)
         return cfg
 

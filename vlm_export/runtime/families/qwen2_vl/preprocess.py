@@ -19,7 +19,12 @@ import numpy as np
 import PIL.Image
 
 from vlm_export.errors import ExportError, InputError, ManifestError
-from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
+from vlm_export.runtime.families.processor_values import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    config_from_manifest,
+    three_floats,
+)
 from vlm_export.runtime.image_io import convert_to_rgb, describe_source
 
 __all__ = [
@@ -153,29 +158,13 @@ class Qwen2VLImageConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Qwen2VLImageConfig:
         """Inverse of :meth:`to_dict`; a manifest missing a field is refused rather than guessed."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in d]
-        if missing:
-            raise ManifestError(f"image config in manifest lacks {', '.join(missing)}; re-export the model")
-        try:
-            values = {n: d[n] for n in fields if n in d}
-            values["image_mean"] = three_floats(values["image_mean"])
-            values["image_std"] = three_floats(values["image_std"])
-            for n in (
-                "patch_size",
-                "temporal_patch_size",
-                "merge_size",
-                "min_pixels",
-                "max_pixels",
-                "resample",
-            ):
-                if n in values:
-                    values[n] = int(values[n])
-            values["rescale_factor"] = float(values["rescale_factor"])
-            cfg = cls(**values)
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"bad image config in manifest: {e}; re-export the model") from e
+        convert = {"image_mean": three_floats, "image_std": three_floats, "rescale_factor": float}
+        convert.update(
+            dict.fromkeys(
+                ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "resample"), int
+            )
+        )
+        cfg = config_from_manifest(cls, d, "image", convert)
         cfg._validate(ManifestError)
         return cfg
 

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 
 from vlm_export.errors import ExportError, InputError, ManifestError
-from vlm_export.runtime.families.processor_values import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, three_floats
+from vlm_export.runtime.families.processor_values import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    config_from_manifest,
+    three_floats,
+)
 from vlm_export.runtime.families.qwen2_vl.preprocess import patchify, smart_resize
 from vlm_export.runtime.video_io import VideoMetadata
 from vlm_export.runtime.video_resize import resize_frames
@@ -163,18 +168,9 @@ class QwenVideoConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QwenVideoConfig:
         """Inverse of :meth:`to_dict`; a manifest missing a field is refused rather than guessed."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d]
-        if missing:
-            raise ManifestError(f"video config in manifest lacks {', '.join(missing)}; re-export the model")
-        try:
-            values = {n: d[n] for n in names}
-            values["image_mean"] = three_floats(values["image_mean"])
-            values["image_std"] = three_floats(values["image_std"])
-            cfg = cls(**values)
-            cfg.resize_mode  # noqa: B018  (validates resample)
-        except (TypeError, ValueError, KeyError) as e:
-            raise ManifestError(f"bad video config in manifest: {e!r}; re-export the model") from e
+        cfg = config_from_manifest(cls, d, "video", {"image_mean": three_floats, "image_std": three_floats})
+        if cfg.resample not in _RESAMPLE_MODES:
+            raise ManifestError(f"bad video config in manifest: resample {cfg.resample}; re-export the model")
         return cfg
 
 
