@@ -35,32 +35,48 @@ def test_io_binding_matches_plain_session(exported_qwen2_5_vl, image):
     assert all(len(r.token_ids) > 1 for r in got)
 
 
-def test_io_binding_keeps_the_cache_as_device_values(exported_qwen2_5_vl):
-    """Outputs are OrtValues fed back unchanged; an empty (length 0) past binds like any other input."""
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_cache_is_updated_in_place(exported_qwen2_5_vl, io_binding):
+    """`allocate`d cache buffers bound as `past` and (via `into`) `present`: each call writes only its new
+    positions into the same memory, and prefill 3 + decode 1 gives the logits of a 4-token prefill."""
     from vlm_export.manifest import Manifest
 
     manifest = Manifest.load(exported_qwen2_5_vl)
     info = manifest.graphs["decoder"]
-    session = create_backend("ort-cpu", io_binding=True).load(exported_qwen2_5_vl / info.file, info)
+    session = create_backend("ort-cpu", io_binding=io_binding).load(exported_qwen2_5_vl / info.file, info)
     text = manifest.text
-    kv = (1, int(text["num_kv_heads"]), 0, int(text["head_dim"]))
-    feeds = {
-        "inputs_embeds": np.random.default_rng(0).standard_normal((1, 3, int(text["hidden_size"]))).astype(np.float32),
-        "position_ids": np.broadcast_to(np.arange(3), (3, 1, 3)).astype(np.int64),
-        "attention_mask": np.ones((1, 3), np.int64),
-    }
     past = [n for n in info.input_names() if n.startswith("past_key_values.")]
-    feeds.update({name: np.zeros(kv, np.float32) for name in past})
-    first = session.run(feeds)
-    assert all(isinstance(v, ort.OrtValue) for v in first.values())
-    step = dict(feeds, inputs_embeds=feeds["inputs_embeds"][:, :1], attention_mask=np.ones((1, 4), np.int64))
-    step["position_ids"] = np.full((3, 1, 1), 3, np.int64)
-    step.update({name: first[name.replace("past_key_values.", "present.")] for name in past})
-    second = session.run(step)
-    assert session.to_numpy(second["present.0.key"]).shape[2] == 4
-    np.testing.assert_array_equal(
-        session.to_numpy(second["present.0.key"])[:, :, :3], session.to_numpy(first["present.0.key"])
+    into_names = [n.replace("past_key_values.", "present.") for n in past]
+    shape = (1, int(text["num_kv_heads"]), 6, int(text["head_dim"]))
+    embeds = np.random.default_rng(0).standard_normal((1, 4, int(text["hidden_size"]))).astype(np.float32)
+
+    def call(cache, start, stop):
+        feeds = {
+            "inputs_embeds": embeds[:, start:stop],
+            "position_ids": np.broadcast_to(np.arange(start, stop), (3, 1, stop - start)).astype(np.int64),
+            "attention_mask": np.ones((1, stop), np.int64),
+        }
+        feeds.update(cache)
+        return session.run(feeds, into=dict(zip(into_names, cache.values(), strict=True)))
+
+    cache = {name: session.allocate(name, shape) for name in past}
+    addresses = {name: value.data_ptr() for name, value in cache.items()}
+    first = call(cache, 0, 3)
+    key = session.to_numpy(cache[past[0]]).copy()
+    assert np.abs(key[:, :, :3]).min() > 0 and not key[:, :, 3:].any()
+    second = call(cache, 3, 4)
+    assert all(
+        isinstance(first[n], ort.OrtValue) and first[n].data_ptr() == addresses[p]
+        for n, p in zip(into_names, past, strict=True)
     )
+    after = session.to_numpy(second[into_names[0]])
+    np.testing.assert_array_equal(after[:, :, :3], key[:, :, :3])
+    assert np.abs(after[:, :, 3]).min() > 0 and not after[:, :, 4:].any()
+
+    fresh = {name: session.allocate(name, shape) for name in past}
+    whole = call(fresh, 0, 4)
+    np.testing.assert_allclose(session.to_numpy(second["logits"]), session.to_numpy(whole["logits"]), atol=1e-5)
+    np.testing.assert_allclose(session.to_numpy(fresh[past[0]]), after, atol=1e-5)
 
 
 def test_backend_names_and_unknown_backend():

@@ -28,3 +28,38 @@ def test_attention_reads_the_cache_with_kv_heads(family: str, request: pytest.Fi
         # the tiny models have 2 query heads per K/V head: a repeat_kv copy would give key[1] == query[1]
         assert query[1] == 2 * kv_heads, (node.name, query)
         assert key[1] == kv_heads and value[1] == kv_heads, (node.name, query, key, value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_is_written_in_place_not_concatenated(family: str, request: pytest.FixtureRequest) -> None:
+    """Each layer writes K and V with one TensorScatter into the fixed-capacity cache, which Attention reads
+    directly: no Concat grows the cache, and present has the past's capacity."""
+    folder: Path = request.getfixturevalue(f"exported_{family}")
+    text = json.loads((folder / "manifest.json").read_text())["text"]
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    assert next(o.version for o in model.opset_import if o.domain == "") == 24
+    assert not [o.domain for o in model.opset_import if o.domain.startswith("vlm_export")]
+    scatters = [node for node in model.graph.node if node.op_type == "TensorScatter"]
+    assert len(scatters) == 2 * int(text["num_layers"])
+    past = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    present = {o.name for o in model.graph.output if o.name.startswith("present.")}
+    assert {node.input[0] for node in scatters} == past and {node.output[0] for node in scatters} == present
+    attention_kv = {name for node in model.graph.node if node.op_type == "Attention" for name in node.input[1:3]}
+    assert attention_kv == present
+    capacity = {
+        v.name: v.type.tensor_type.shape.dim[2].dim_param
+        for v in [*model.graph.input, *model.graph.output]
+        if v.name in past | present
+    }
+    assert {capacity[name] for name in past | present} == {"cache_capacity"}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_sibling_projections_are_one_matmul(family: str, request: pytest.FixtureRequest) -> None:
+    """q/k/v and gate/up read the same activation: each group is one MatMul + Split (4 MatMuls per dense layer:
+    qkv, o, gate-up, down) plus the lm_head."""
+    folder: Path = request.getfixturevalue(f"exported_{family}")
+    text = json.loads((folder / "manifest.json").read_text())["text"]
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    assert len(matmuls) == 4 * int(text["num_layers"]) + 1

@@ -49,11 +49,12 @@ def test_profiles_cover_every_input_with_the_limits(exported):
         for low, opt, high in spec.shapes.values():
             assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
     past = next(n for n in prefill.shapes if n.startswith("past_key_values."))
-    # prefill: any prompt up to max_seq_len, empty cache (TensorRT zero-size dims); decode: one token, cache < max
-    assert prefill.shapes[past][0][2] == prefill.shapes[past][2][2] == 0
+    # one fixed-capacity cache (KVCacheUpdate needs a static capacity); prefill: any prompt up to max_seq_len,
+    # decode: one token after up to max_seq_len - 1
+    for spec in (prefill, decode):
+        assert [shape[2] for shape in spec.shapes[past]] == [512, 512, 512]
     assert prefill.shapes["inputs_embeds"][2][:2] == [2, 512]
     assert decode.shapes["inputs_embeds"][2][:2] == [2, 1]
-    assert decode.shapes[past][0][2] == 1 and decode.shapes[past][2][2] == 511
     assert decode.shapes["attention_mask"][2] == [2, 512]
     # text-only prompts and decode steps merge zero visual rows
     assert profiles["embedding"][0].shapes["visual_embeds"][0][0] == 0
@@ -242,7 +243,7 @@ def test_every_emitted_op_is_in_the_table(any_export):
     for name, info in manifest.graphs.items():
         latest = check_graph(any_export / info.file, "10.15")
         jetpack = check_graph(any_export / info.file, "10.3")
-        assert latest.opset == 23
+        assert latest.opset == (24 if name == "decoder" else 23)
         assert not latest.restrictions and not jetpack.restrictions, latest.restrictions
         if manifest.family == "qwen3_vl_moe" and name == "decoder":
             # the default MoE form is ONNX Runtime's fused kernel: refused, with the export flag that avoids it
@@ -265,13 +266,14 @@ def test_decomposed_graphs_match_for_older_tensorrt(exported, tmp_path):
     source = work / manifest.graphs["decoder"].file
     target = work / "decoder.trt.onnx"
     rewritten = decompose(source, target, list(DECOMPOSABLE))
-    assert "Attention" in rewritten and "RMSNormalization" in rewritten
+    assert "Attention" in rewritten and "RMSNormalization" in rewritten and "TensorScatter" in rewritten
     report = check_graph(target, "10.3")
     assert not report.unsupported and not report.restrictions
     assert not {op for _, op in report.ops} & set(DECOMPOSABLE)
 
     rng = np.random.default_rng(0)
-    dims = {"batch": 2, "sequence": 3, "past_sequence": 4, "total_sequence": 7, "num_visual_tokens": 2}
+    # a cache larger than past + sequence, with values in the unused slots
+    dims = {"batch": 2, "sequence": 3, "cache_capacity": 9, "total_sequence": 7, "num_visual_tokens": 2}
     feeds = {}
     for tensor in manifest.graphs["decoder"].inputs:
         shape = [dims[d] if isinstance(d, str) else d for d in tensor.shape]

@@ -134,17 +134,22 @@ def test_trt_matches_onnxruntime_cpu(engine_dir, images):
         print(f"{name}: max |logits diff| TensorRT fp32 vs ONNX Runtime CPU {diff:.3g}")
         assert diff <= LOGITS_ATOL, (name, diff)
         assert got.token_ids == want.token_ids, name
-    # the cache stays on the GPU: decoder outputs are device tensors
+    # the cache stays on the GPU and is updated in place: `present` is the allocated `past` buffer, with the
+    # engine's fixed capacity (max_seq_len) whatever capacity was asked for
     decoder = trt_pipe.generator.sessions["decoder"]
     manifest = trt_pipe.manifest
     text = manifest.text
-    feeds = {t.name: np.zeros([1 if isinstance(d, str) else d for d in t.shape], dtype=t.dtype) for t in
+    feeds = {t.name: np.ones([1 if isinstance(d, str) else d for d in t.shape], dtype=t.dtype) for t in
              manifest.graphs["decoder"].inputs}  # fmt: skip
-    for name in feeds:
-        if name.startswith("past_key_values."):
-            feeds[name] = np.zeros((1, int(text["num_kv_heads"]), 0, int(text["head_dim"])), np.float32)
-    outputs = decoder.run(feeds)
+    shape = (1, int(text["num_kv_heads"]), 8, int(text["head_dim"]))
+    cache = {name: decoder.allocate(name, shape) for name in feeds if name.startswith("past_key_values.")}
+    feeds.update(cache)
+    into = {name.replace("past_key_values.", "present."): value for name, value in cache.items()}
+    outputs = decoder.run(feeds, into=into)
     assert all(isinstance(v, GpuTensor) for v in outputs.values())
+    assert all(outputs[name].ptr == value.ptr and value.shape[2] == 512 for name, value in into.items())
+    written = decoder.to_numpy(next(iter(into.values())))
+    assert np.abs(written[:, :, 0]).min() > 0 and not written[:, :, 1:].any()
 
 
 def _hf_tokens(family, model_dir, conversations, dtype=None):

@@ -13,7 +13,7 @@ from typing import Any
 
 from vlm_export.errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: fixed-capacity KV cache updated in place (decoder opset 24, TensorScatter)
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision_encoder", "embedding", "decoder")
 

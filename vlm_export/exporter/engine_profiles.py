@@ -1,8 +1,10 @@
 """TensorRT optimization profiles from the manifest's limits (torch-free: runs on a Jetson with the runtime only).
 
-Text axes follow from the limits: `batch` up to max_batch, `sequence`/`past_sequence`/`total_sequence` up to
-max_seq_len, `num_visual_tokens` (rows merged into the prompt) from 0. The decoder gets two profiles: prefill
-(any prompt length, empty cache) and decode (one token, cache up to max_seq_len - 1).
+Text axes follow from the limits: `batch` up to max_batch, `sequence`/`total_sequence` up to max_seq_len,
+`num_visual_tokens` (rows merged into the prompt) from 0. The KV cache's `cache_capacity` is fixed at max_seq_len:
+TensorRT's KVCacheUpdate layer (ONNX TensorScatter, updating the cache in place) needs a static capacity, and the
+runtime's `allocate` gives cache buffers of that size. The decoder gets two profiles on the same cache: prefill
+(any prompt length) and decode (one token, up to max_seq_len - 1 before it).
 
 Vision axes (patch counts, attention segment tables, crops) depend on family preprocessing, so they are measured,
 not derived: the family's own host preprocessing runs on blank probe images at the pixel budget in several aspect
@@ -26,7 +28,7 @@ from vlm_export.manifest import GraphInfo, Limits, Manifest
 # width:height of the probe images; thin images have the most partial windows / tiles.
 PROBE_ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (4, 1), (1, 4))
 UNBOUNDED_PROBE_PIXELS = 4096 * 4096  # families without a pixel budget (tiling) are probed at this size
-TEXT_AXES = ("batch", "sequence", "past_sequence", "total_sequence", "num_visual_tokens")
+TEXT_AXES = ("batch", "sequence", "cache_capacity", "total_sequence", "num_visual_tokens")
 OPT_SEQUENCE = 1024  # typical prompt length TensorRT tunes the prefill profile for
 
 
@@ -131,7 +133,7 @@ def _text_axes(limits: EngineLimits, visual_max: int, visual_opt: int, phase: st
         return {
             "batch": AxisRange(1, 1, batch),
             "sequence": AxisRange(1, opt_seq, seq),
-            "past_sequence": AxisRange(0, 0, 0),
+            "cache_capacity": AxisRange(seq, seq, seq),
             "total_sequence": AxisRange(1, opt_seq, seq),
             "num_visual_tokens": visual,
         }
@@ -140,7 +142,7 @@ def _text_axes(limits: EngineLimits, visual_max: int, visual_opt: int, phase: st
         return {
             "batch": AxisRange(1, 1, batch),
             "sequence": AxisRange(1, 1, 1),
-            "past_sequence": AxisRange(1, opt_past, seq - 1),
+            "cache_capacity": AxisRange(seq, seq, seq),
             "total_sequence": AxisRange(2, opt_past + 1, seq),
             "num_visual_tokens": AxisRange(0, 0, 0),
         }

@@ -25,6 +25,7 @@ from vlm_export.exporter.model_source import read_model_type, resolve_model_dir
 from vlm_export.exporter.onnx_export import OPSET, export_graph
 from vlm_export.exporter.quantize import QuantizeConfig, quantize_export
 from vlm_export.exporter.verify import verify_graph
+from vlm_export.graphs.decoder import DECODER_OPSET
 from vlm_export.graphs.registry import graph_family_for
 from vlm_export.manifest import Limits, Manifest
 
@@ -52,7 +53,8 @@ def _versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "opset": str(OPSET),
+        "opset": str(OPSET),  # the default; a graph that needs newer ops (the decoder's TensorScatter) says so
+        "decoder_opset": str(DECODER_OPSET),
     }
 
 

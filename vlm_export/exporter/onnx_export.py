@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from vlm_export.errors import ExportError
-from vlm_export.graphs.registry import GraphSpec
+from vlm_export.graphs.registry import PROMOTED_DOMAIN, GraphSpec
 from vlm_export.manifest import GraphInfo, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,46 @@ def native_gqa_attention() -> Iterator[None]:
             os.environ[key] = previous
 
 
+def promote_ops(path: Path, opset: int) -> None:
+    """Move the ops traced in `PROMOTED_DOMAIN` into the default domain and raise its opset to `opset`.
+    Only the graph file is rewritten; external weights stay where they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.domain == PROMOTED_DOMAIN:
+            node.domain = ""
+    imports = [o for o in model.opset_import if o.domain != PROMOTED_DOMAIN]
+    for entry in imports:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def fuse_projections(path: Path) -> int:
+    """Fuse sibling MatMuls of the saved graph (see `fuse_matmuls`); rewrites the file and its external data."""
+    from vlm_export.exporter.fuse_matmuls import fuse_sibling_matmuls
+    from vlm_export.exporter.quantize import graph_files
+
+    old_files = graph_files(path.parent, path.name)
+    model = onnx.load(str(path), load_external_data=True)
+    fused = fuse_sibling_matmuls(model)
+    if fused:
+        external = len(old_files) > 1
+        for file in old_files:
+            file.unlink()
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=f"{path.name}.data",
+        )
+        logger.debug("%s: fused %d groups of sibling MatMuls", path.name, fused)
+    return fused
+
+
 def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
     """Export `spec` to `folder/<name>.onnx` (weights external above ~2 GB) and return its IO description."""
     path = folder / f"{spec.name}.onnx"
@@ -109,6 +149,9 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
                 verbose=False,
             )
             program.save(path, external_data=external)
+        if spec.opset and spec.opset > OPSET:
+            promote_ops(path, spec.opset)
+        fuse_projections(path)
     except Exception as error:
         logger.debug("exporter output:\n%s", captured.getvalue())
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -5,6 +5,7 @@ Source: onnx-tensorrt `docs/operators.md` (10.15: opset 9-24) and `docs/Changelo
 importable since TensorRT 10.0 (JetPack 6 ships 10.3). Restrictions from the same table that a graph can break
 are checked per node (`check_graph`). Ops a TensorRT version lacks are rewritten into primitive ONNX ops with
 ONNX's own function definitions (`decompose`) — same math, checked against ONNX Runtime in the tests.
+`TensorScatter` has no function body; it becomes a `ScatterElements` along the sequence axis.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ UNSUPPORTED = {
     "StringSplit", "TfIdfVectorizer", "Unique",
 }  # fmt: skip
 # ops `decompose` can rewrite from their ONNX function definition
-DECOMPOSABLE = ("Attention", "RMSNormalization", "RotaryEmbedding")
+DECOMPOSABLE = ("Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter")
 MAX_OPSET = {(10, 0): 20, (10, 15): 24}  # documented opset range upper bound from this release on
 # What each non-default-domain op is and the export option that avoids it.
 CONTRIB_HINTS = {"MoE": "re-export with --moe-form dense (plain ONNX ops TensorRT imports)"}
@@ -170,6 +171,47 @@ def _expand(node: onnx.NodeProto, types: dict[str, onnx.TypeProto], opset: int, 
     return nodes
 
 
+def _tensor_scatter(
+    node: onnx.NodeProto, types: dict[str, onnx.TypeProto], index: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """TensorScatter (linear mode) on a [batch, heads, capacity, head_dim] cache as ScatterElements: row b's
+    update lands at positions write_indices[b] + 0..S-1 of the sequence axis; without write_indices, at 0..S-1."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    mode = attrs.get("mode", b"linear")
+    rank = len(types[node.input[0]].tensor_type.shape.dim) if node.input[0] in types else 4
+    axis = int(attrs.get("axis", -2)) % rank
+    if mode not in (b"linear", "linear") or rank != 4 or axis in (0, 3):
+        raise ValueError(f"TensorScatter node {node.name}: only linear updates of a rank-4 cache can be rewritten")
+    cache, update = node.input[0], node.input[1]
+    writes = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    p = f"_trt{index}_TensorScatter_"
+    consts = {
+        "axis": np.array([axis], np.int64),
+        "zero": np.array(0, np.int64),
+        "one": np.array(1, np.int64),
+        "row_shape": np.array([-1, 1, 1, 1], np.int64),
+        "step_shape": np.array([-1 if dim == axis else 1 for dim in range(rank)], np.int64),
+    }
+    inits = [numpy_helper.from_array(value, p + name) for name, value in consts.items()]
+    nodes = [
+        helper.make_node("Shape", [update], [p + "shape"]),
+        helper.make_node("Gather", [p + "shape", p + "axis"], [p + "length1"], axis=0),
+        helper.make_node("Squeeze", [p + "length1"], [p + "length"]),
+        helper.make_node("Range", [p + "zero", p + "length", p + "one"], [p + "steps"]),
+        helper.make_node("Reshape", [p + "steps", p + "step_shape"], [p + "positions"]),
+    ]
+    positions = p + "positions"
+    if writes:
+        nodes.append(helper.make_node("Reshape", [writes, p + "row_shape"], [p + "starts"]))
+        nodes.append(helper.make_node("Add", [p + "starts", positions], [p + "shifted"]))
+        positions = p + "shifted"
+    nodes.append(helper.make_node("Expand", [positions, p + "shape"], [p + "indices"]))
+    nodes.append(helper.make_node("ScatterElements", [cache, p + "indices", update], [node.output[0]], axis=axis))
+    for new in nodes:
+        new.name = p + new.output[0].removeprefix(p)
+    return nodes, inits
+
+
 def _fold_shape_constants(model: onnx.ModelProto) -> None:
     """Fold Size/Shape of statically shaped tensors and integer arithmetic on constants into initializers, so
     reduction axes computed in a function body (RMSNormalization's Range over the rank) become initializers."""
@@ -243,7 +285,12 @@ def decompose(source: Path, target: Path, ops: list[str]) -> list[str]:
     types = _value_types(model)
     nodes, done = [], set()
     for index, node in enumerate(model.graph.node):
-        if node.op_type in ops and node.domain in ("", "ai.onnx"):
+        if node.op_type == "TensorScatter" and node.op_type in ops and node.domain in ("", "ai.onnx"):
+            scatter_nodes, initializers = _tensor_scatter(node, types, index)
+            nodes.extend(scatter_nodes)
+            model.graph.initializer.extend(initializers)
+            done.add(node.op_type)
+        elif node.op_type in ops and node.domain in ("", "ai.onnx"):
             nodes.extend(_expand(node, types, opset, index))
             done.add(node.op_type)
         else:

@@ -18,6 +18,11 @@ from torch import nn
 
 from vlm_export.errors import UnsupportedModelError
 
+#: Domain of ops from a newer opset than the one torch's exporter traces at. Tracing at opset 24 outright loses
+#: its RMSNormalization fusion (~5 primitive ops per norm instead of one), so the decoder is traced at 23 with
+#: TensorScatter here, then the default-domain opset is raised: no op our graphs use changed meaning in 24.
+PROMOTED_DOMAIN = "vlm_export.promoted"
+
 
 @dataclass
 class GraphSpec:
@@ -34,6 +39,9 @@ class GraphSpec:
     verify_feeds: list[dict[str, torch.Tensor]]
     reference: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
     tolerance: float = 1e-4
+    # Default-domain opset of the saved graph when it needs ops newer than the exporter's opset (the decoder's
+    # TensorScatter, opset 24): traced in PROMOTED_DOMAIN, moved to the default domain after export.
+    opset: int | None = None
     # Which output axes are dynamic, by output name, for the manifest (axis -> symbolic name).
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     input_axes: dict[str, dict[int, str]] = field(default_factory=dict)

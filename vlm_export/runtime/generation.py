@@ -1,8 +1,9 @@
 """The generation loop: vision -> embedding merge -> decoder prefill -> decode steps reusing the KV cache.
 
-Backend-agnostic: cache values stay whatever the backend returns (device buffers where it keeps them), only
-the last-position logits are copied to the host each step. Mirrors transformers' `generate()`: left padding,
-finished rows continue with the pad token, the attention mask grows by one column per step.
+Backend-agnostic: the KV cache is allocated once per call on the backend's device, with room for the prompt and
+every new token, and each decoder call updates it in place (the same buffer is its `past` input and its `present`
+output); only the last-position logits are copied to the host each step. Mirrors transformers' `generate()`:
+left padding, finished rows continue with the pad token, the attention mask grows by one column per step.
 """
 
 from __future__ import annotations
@@ -127,28 +128,32 @@ class Generator:
         visual_embeds = vision_outputs["visual_embeds"]
         timings["vision_s"] = time.perf_counter() - start
 
+        max_new = settings.max_new_tokens
+        limit = self.manifest.limits.max_seq_len
+        if limit is not None:
+            max_new = min(max_new, limit - longest)
+
         embedding, decoder = self.sessions["embedding"], self.sessions["decoder"]
         prefill_start = time.perf_counter()
+        # Capacity for the prompt and every new token, no more: attention spans the whole cache.
+        cache_shape = (batch, self.kv_heads, longest + max(max_new, 1), self.head_dim)
+        cache = {name: decoder.allocate(name, cache_shape) for name in self.past_names}
+        into = dict(zip(self.present_names, (cache[name] for name in self.past_names), strict=True))
         embeds = embedding.run({"input_ids": input_ids, "visual_embeds": visual_embeds})["inputs_embeds"]
         position_ids, state = self.family.prefill_positions(input_ids, attention_mask, visual)
-        empty_past = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         feeds: dict[str, Any] = {
             "inputs_embeds": embeds,
             "position_ids": position_ids,
             "attention_mask": attention_mask,
         }
         feeds.update(self.family.decoder_feeds(input_ids, vision_outputs))
-        feeds.update({name: empty_past for name in self.past_names})
-        outputs = decoder.run(feeds)
+        feeds.update(cache)
+        outputs = decoder.run(feeds, into=into)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
 
         selector = TokenSelector(settings)
         eos = np.asarray(settings.eos_token_ids, dtype=np.int64)
-        max_new = settings.max_new_tokens
-        limit = self.manifest.limits.max_seq_len
-        if limit is not None:
-            max_new = min(max_new, limit - longest)
         all_ids = input_ids
         finished = np.zeros(batch, dtype=bool)
         generated: list[np.ndarray] = []
@@ -173,8 +178,8 @@ class Generator:
                 "attention_mask": attention_mask,
             }
             feeds.update(self.family.decoder_feeds(tokens[:, None], None))
-            feeds.update(zip(self.past_names, (outputs[name] for name in self.present_names), strict=True))
-            outputs = decoder.run(feeds)
+            feeds.update(cache)
+            outputs = decoder.run(feeds, into=into)
         decode_s = time.perf_counter() - decode_start
         timings["decode_s"] = decode_s
         steps_done = max(len(generated) - 1, 0)

@@ -1,7 +1,9 @@
 """The one small interface every backend implements; the generation loop never knows which one runs.
 
-Values passed between calls (the KV cache above all) are backend-native: a backend that keeps buffers on the
-device returns device values from `run` and accepts them back as inputs, and only `to_numpy` copies to the host.
+Values passed between calls are backend-native: a backend that keeps buffers on the device returns device values
+from `run` and accepts them back as inputs, and only `to_numpy` copies to the host. The KV cache goes further:
+the caller allocates it once (`allocate`) and passes the same buffer as a `past` input and, in `into`, as the
+buffer its `present` output is written to, so the graph updates it in place.
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ class GraphSession(Protocol):
 
     info: GraphInfo
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run with named inputs (numpy arrays or values this backend returned earlier); all outputs by name."""
+    def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run with named inputs (numpy arrays, values this backend returned earlier, or `allocate`d buffers);
+        all outputs by name. An output named in `into` is written to that `allocate`d buffer, which may also be
+        one of the inputs (an in-place update)."""
+        ...
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> Any:
+        """A zero-filled buffer of the graph input `name`'s element type, on this backend's device. A backend
+        whose engine fixes an axis may return a larger buffer along it (the graph reads shapes from its inputs)."""
         ...
 
     def to_numpy(self, value: Any) -> np.ndarray:

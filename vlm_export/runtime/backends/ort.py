@@ -1,8 +1,10 @@
 """ONNX Runtime backends: CPU (the fallback that must always work) and CUDA (onnxruntime-gpu).
 
 Both share one session class. With IO binding (always on CUDA, optional on CPU so the tests exercise the same
-code) outputs stay `OrtValue`s on the session's device and are fed back as inputs unchanged: the KV cache never
-leaves the GPU between decode steps; only `to_numpy` copies (the last-position logits, once per step).
+code) outputs stay `OrtValue`s on the session's device and are fed back as inputs unchanged; only `to_numpy`
+copies (the last-position logits, once per step). The KV cache is an `allocate`d `OrtValue` bound both as the
+`past` input and as the `present` output (`into`): ONNX Runtime's TensorScatter then writes only the new
+positions, in place, on either device (on the CPU the `OrtValue` wraps a numpy array, no copy).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ INSTALL_GPU_HINT = (
     "install onnxruntime-gpu in place of onnxruntime (pip uninstall -y onnxruntime && pip install 'vlm-export[trt]'), "
     "or use --backend ort-cpu"
 )
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 class BackendError(VLMExportError):
@@ -61,6 +66,7 @@ class OrtSession:
                 "re-export the model, or upgrade onnxruntime"
             ) from None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
 
     def _fail(self, error: Exception, feeds: Mapping[str, Any]) -> BackendError:
         shapes = {name: _shape(value) for name, value in feeds.items()}
@@ -68,18 +74,19 @@ class OrtSession:
             f"ONNX Runtime failed running the {self.name} graph ({str(error).splitlines()[0]}); input shapes {shapes}"
         )
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        if self.io_binding:
-            return self._run_bound(feeds)
+    def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if self.io_binding or into:
+            return self._run_bound(feeds, into or {})
         try:
             outputs = self.session.run(self.output_names, dict(feeds))
         except Exception as error:
             raise self._fail(error, feeds) from None
         return dict(zip(self.output_names, outputs, strict=True))
 
-    def _run_bound(self, feeds: Mapping[str, Any]) -> dict[str, ort.OrtValue]:
+    def _run_bound(self, feeds: Mapping[str, Any], into: Mapping[str, Any]) -> dict[str, ort.OrtValue]:
         """Inputs already on the device (`OrtValue`s from an earlier call) are bound as they are, host arrays are
-        copied once; every output is allocated by ONNX Runtime on the device and returned as an `OrtValue`."""
+        copied once (on the CPU: wrapped); outputs named in `into` are written to those `OrtValue`s, the others
+        are allocated by ONNX Runtime on the device; all are returned as `OrtValue`s."""
         binding = self.session.io_binding()
         try:
             for name, value in feeds.items():
@@ -87,12 +94,20 @@ class OrtSession:
                     value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
                 binding.bind_ortvalue_input(name, value)
             for name in self.output_names:
-                binding.bind_output(name, self.device, self.device_id)
+                if name in into:
+                    binding.bind_ortvalue_output(name, into[name])
+                else:
+                    binding.bind_output(name, self.device, self.device_id)
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
         except Exception as error:
             raise self._fail(error, feeds) from None
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> ort.OrtValue:
+        dtype = _NUMPY_TYPES[self._input_types[name]]
+        zeros = np.zeros(shape, dtype=dtype)  # finite: masked slots still enter attention's weighted sum as 0 * x
+        return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self.device_id)
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, ort.OrtValue):

@@ -1,11 +1,12 @@
 """TensorRT backend: engines built by `vlm-export build-engines`, run with execution contexts on one CUDA stream.
 
 Device memory goes through polygraphy's CUDA wrapper (ctypes over libcudart), never torch. Outputs are
-`GpuTensor`s that stay on the GPU and are accepted back as inputs, so the KV cache never visits the host between
-decode steps; only `to_numpy` copies (the last-position logits, once per step). Each output name has two device
-buffers used in turn (a decode step reads the cache from one and writes the grown cache into the other), so an
-output stays valid until the session has run twice more — the generation loop only ever feeds call t's outputs
-into call t+1.
+`GpuTensor`s that stay on the GPU and are accepted back as inputs; only `to_numpy` copies (the last-position
+logits, once per step). Each output name has two device buffers used in turn, so an output stays valid until the
+session has run twice more. The KV cache is different: `allocate` gives one buffer per cache input and `run(...,
+into=...)` binds the matching `present` output to the same address, which is what TensorRT's KVCacheUpdate layer
+(ONNX TensorScatter) requires: it updates the cache in place. An engine built with a fixed cache capacity
+(min = max in every profile) gets buffers of that capacity, whatever the caller asked for.
 
 tensorrt and polygraphy are imported when the backend is created, never at module import, so the runtime imports
 and runs on machines without them.
@@ -36,7 +37,7 @@ INSTALL_HINT = (
 AXIS_FLAGS = {
     "batch": "--max-batch",
     "sequence": "--max-seq-len",
-    "past_sequence": "--max-seq-len",
+    "cache_capacity": "--max-seq-len",
     "total_sequence": "--max-seq-len",
 }
 VISION_FLAGS = "--max-images or --max-image-pixels"
@@ -161,6 +162,7 @@ class TrtSession:
         self.contexts: dict[int, Any] = {}
         self.staging: dict[str, Any] = {}
         self.pools: dict[str, list[Any]] = {}
+        self.allocated: dict[str, Any] = {}
 
     # -- profiles ------------------------------------------------------------------------------------
     def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -230,8 +232,29 @@ class TrtSession:
             raise BackendError(f"{self.name}: both buffers of output {name} are inputs of this call")
         return self._grow(free[0], nbytes)
 
+    def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
+        """Zeros for input `name` (reusing this input's previous buffer); axes every profile fixes take that
+        size (a KVCacheUpdate cache must have a static capacity)."""
+        if name not in self.inputs:
+            raise BackendError(f"{self.name}: the engine has no input {name}")
+        fixed = []
+        for dim, wanted in enumerate(shape):
+            lows = {int(r[name][0][dim]) for r in self.ranges}
+            highs = {int(r[name][2][dim]) for r in self.ranges}
+            fixed.append(lows.pop() if len(lows) == 1 and lows == highs else wanted)
+        dtype = self.dtypes[name]
+        zeros = np.zeros(tuple(fixed), dtype=dtype)
+        buffer = self.allocated.get(name)
+        if buffer is None:
+            buffer = self.allocated[name] = self.backend.cuda.DeviceArray.raw((0,))
+        self._grow(buffer, zeros.nbytes)
+        cuda = self.backend.cuda
+        cuda.wrapper().memcpy(buffer.ptr, zeros.ctypes.data, zeros.nbytes, cuda.MemcpyKind.HostToDevice)
+        return GpuTensor(buffer.ptr, zeros.shape, dtype)
+
     # -- run -----------------------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, GpuTensor]:
+    def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, GpuTensor]:
+        into = into or {}
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise BackendError(f"{self.name}: inputs {missing} were not given")
@@ -248,6 +271,16 @@ class TrtSession:
             if any(d < 0 for d in shape):
                 raise BackendError(f"{self.name}: output {name} has a data-dependent shape {shape}, not supported")
             dtype = self.dtypes[name]
+            target = into.get(name)
+            if target is not None:
+                if target.shape != shape or target.dtype != dtype:
+                    raise BackendError(
+                        f"{self.name}: output {name} is {shape} {dtype} but the buffer given for it is "
+                        f"{target.shape} {target.dtype}"
+                    )
+                context.set_tensor_address(name, target.ptr)
+                outputs[name] = target
+                continue
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             buffer = self._output_buffer(name, nbytes, busy)
             context.set_tensor_address(name, buffer.ptr)
@@ -267,10 +300,12 @@ class TrtSession:
         return host
 
     def free(self) -> None:
-        for buffer in [*self.staging.values(), *(b for pool in self.pools.values() for b in pool)]:
+        pooled = (b for pool in self.pools.values() for b in pool)
+        for buffer in [*self.staging.values(), *pooled, *self.allocated.values()]:
             buffer.free()
         self.staging.clear()
         self.pools.clear()
+        self.allocated.clear()
 
 
 class TrtBackend:

@@ -1,0 +1,113 @@
+"""tools/bench_peers.py: the text-only checkpoint it hands the peers, and its small helpers (no peer needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_peers.py"
+
+
+@pytest.fixture(scope="module")
+def bench_peers():
+    spec = importlib.util.spec_from_file_location("bench_peers", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+HUB_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_config": {"depth": 32, "hidden_size": 1280},
+}
+
+
+def test_text_config_from_hub_layout(bench_peers):
+    out = bench_peers.text_config(HUB_CONFIG)
+    assert out["architectures"] == ["Qwen2ForCausalLM"] and out["model_type"] == "qwen2"
+    assert out["rope_theta"] == 1e6 and out["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6}
+    assert out["tie_word_embeddings"] is True
+    assert (out["num_hidden_layers"], out["num_key_value_heads"], out["vocab_size"]) == (24, 2, 151936)
+    assert "vision_config" not in out and "rope_scaling" not in out
+
+
+def test_text_config_from_transformers5_layout(bench_peers):
+    """transformers 5 nests the text part in text_config with rope_parameters."""
+    text = {k: v for k, v in HUB_CONFIG.items() if k not in ("architectures", "model_type", "vision_config")}
+    text.pop("rope_theta")
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [8, 12, 12]}
+    text["num_hidden_layers"] = 4
+    config = {"model_type": "qwen2_5_vl", "tie_word_embeddings": False, "text_config": text}
+    out = bench_peers.text_config(config)
+    assert out["rope_theta"] == 5e5 and out["num_hidden_layers"] == 4 and out["tie_word_embeddings"] is False
+
+
+def test_text_config_refuses_other_families(bench_peers):
+    with pytest.raises(bench_peers.PeerError, match="llava_onevision"):
+        bench_peers.text_config({"model_type": "llava_onevision"})
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        ("model.layers.3.self_attn.q_proj.bias", "model.layers.3.self_attn.q_proj.bias"),
+        ("model.language_model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        ("model.language_model.norm.weight", "model.norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("visual.blocks.0.attn.qkv.weight", None),
+        ("model.visual.merger.mlp.0.weight", None),
+    ],
+)
+def test_text_tensor_name(bench_peers, name, expected):
+    assert bench_peers.text_tensor_name(name) == expected
+
+
+def test_text_tensor_name_refuses_unknown(bench_peers):
+    with pytest.raises(bench_peers.PeerError, match="multi_modal_projector"):
+        bench_peers.text_tensor_name("multi_modal_projector.linear_1.weight")
+
+
+def test_leading_agreement_and_step_rate(bench_peers):
+    assert bench_peers.leading_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert bench_peers.leading_agreement([1, 2], [1, 2, 3]) == 2
+    assert bench_peers.leading_agreement([], [1]) == 0
+    assert bench_peers.step_rate([10.0, 10.5, 11.0], batch=4) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("layout", ["tiny_qwen2_5_vl_dir", "tiny_qwen2_5_vl_v5_dir"])
+def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, request, layout):
+    """The written Qwen2ForCausalLM gives the tiny Qwen2.5-VL's text logits (so the peers get the same weights),
+    from the hub layout (``model.*``, sharded) and the transformers 5 layout (``model.language_model.*``)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    vl_dir = request.getfixturevalue(layout)
+    text_dir = bench_peers.write_text_checkpoint(vl_dir, tmp_path / "text")
+    assert json.loads((text_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    vl = transformers.AutoModelForImageTextToText.from_pretrained(vl_dir, dtype=torch.float32).eval()
+    text = transformers.AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 17, 99, 250, 3, 42, 7]])
+    with torch.inference_mode():
+        expected = vl(input_ids=ids).logits
+        got = text(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

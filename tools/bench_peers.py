@@ -1,0 +1,681 @@
+#!/usr/bin/env python
+"""Peer sides of the benchmark: onnxruntime-genai and llama.cpp on the text decoder of the same checkpoint.
+
+    pip install onnxruntime-genai==0.18.0
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 --no-binary llama-cpp-python
+    python tools/make_model.py --preset qwen2_5_vl-0.5b --output /tmp/bench/m05
+    python tools/bench_peers.py /tmp/bench/m05 --work /tmp/bench/m05-peers --peers ortgenai,llamacpp \
+        --precisions fp32,int8,int4 --threads 2 --json peers.json
+    python tools/bench_peers.py --show --json peers.json      # print the table of a saved report again
+
+(or ``pip install -e .[bench]`` for both pins). The peers run only the language model, so the text part of
+the Qwen2.5-VL checkpoint is first written as a plain ``Qwen2ForCausalLM`` checkpoint (config from the text
+config, ``model.language_model.*`` / ``model.*`` tensors as ``model.*``, tied embeddings kept tied; the
+vision tower is dropped) and each peer converts that same checkpoint with its own tools:
+
+  ortgenai   ``python -m onnxruntime_genai.models.builder -i TEXT -o OUT -p fp32|int8|int4 -e cpu`` with
+             ``block_size=32 accuracy_level=4`` (as ``vlm-export --quantize``) and the builder's symmetric
+             default (0.18.0's ``is_symmetric=false`` int4 graph of a tied-embedding model does not load:
+             its GatherBlockQuantized is fed the float lm_head)
+  llamacpp   ``convert_hf_to_gguf.py TEXT --outtype f32`` from llama-cpp-python's source package (fetched
+             with ``pip download --no-binary`` for the installed version unless --llama-cpp-src is given),
+             then ``llama_model_quantize`` to q8_0 (int8) and q4_0 (int4) with llama.cpp's defaults
+
+Everything converted is cached under --work, so a rerun only measures. Every peer x precision runs in its own
+child process (peak RSS from getrusage in the child) with --threads threads: onnxruntime-genai's decoder
+session gets intra_op_num_threads through a config overlay, llama.cpp gets n_threads = n_threads_batch.
+
+Measured, with the definitions of tools/bench.py (same ~--prompt-tokens templated text prompt, built by its
+``write_inputs``; greedy; EOS ignored so every run makes exactly --new-tokens tokens; median of --repeats
+timed runs after one warm-up):
+  decode b1/b4   tokens/s over the decode steps only: (steps - 1) x batch / (time of last token - time of
+                 first token). onnxruntime-genai batches the same prompt 4 times (batch_size=4);
+                 llama.cpp decodes 4 sequences (seq_id 0..3) in one llama_batch per step.
+  prefill        prompt tokens / time to the first token (the prompt's forward pass + one argmax), batch 1.
+  peak RSS       ru_maxrss of the child (model load included).
+  cores busy     process CPU time / wall time of each timed run: clearly below --threads means another process
+                 took the cores during that run (the machine was shared), so treat that figure as a floor.
+
+Sanity check: a transformers child generates --check-tokens greedy tokens on the same prompt ids with the
+Qwen2ForCausalLM checkpoint written here and with the original Qwen2.5-VL checkpoint; the table reports how many
+of the first --check-tokens tokens of each peer agree with them (fp32 must agree: it proves the conversion
+used the same weights; quantized ones usually drift after a few tokens on random weights).
+
+Needs the ``export`` extra (torch, transformers, safetensors) for the conversion and the reference, and the
+``bench`` extra (onnxruntime-genai, llama-cpp-python) for the peers; a missing peer package is reported in one
+line and that peer is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS.parent))  # run from a source checkout without installing the package
+sys.path.insert(0, str(TOOLS))
+
+PEERS = ("ortgenai", "llamacpp")
+PRECISIONS = ("fp32", "int8", "int4")
+#: peer -> (modules it needs, install command shown when one is missing); llama.cpp's converter needs sentencepiece
+REQUIREMENTS = {
+    "ortgenai": (("onnxruntime_genai",), "pip install onnxruntime-genai==0.18.0"),
+    "llamacpp": (
+        ("llama_cpp", "sentencepiece"),
+        'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 sentencepiece==0.2.3 '
+        "--no-binary llama-cpp-python",
+    ),
+}
+#: precision -> llama.cpp file type (names of convert_hf_to_gguf --outtype / LLAMA_FTYPE_MOSTLY_*)
+LLAMA_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+#: VL model_type -> (architecture, model_type) of the text-only checkpoint the peers convert
+TEXT_MODELS = {"qwen2_5_vl": ("Qwen2ForCausalLM", "qwen2")}
+#: text-config keys copied to the text-only config as they are
+TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "initializer_range",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+class PeerError(Exception):
+    """Something the user can fix (missing package, unsupported model, failed conversion): one line."""
+
+
+# ----------------------------------------------------------------------------------------------- pure logic
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the text-only causal LM for a VL config.json (hub layout or transformers 5 layout).
+
+    Text-only prompts give every M-RoPE section the same position, so the text model is the plain 1-D RoPE
+    decoder with the same theta.
+    """
+    model_type = config.get("model_type")
+    if model_type not in TEXT_MODELS:
+        raise PeerError(f"bench_peers supports {sorted(TEXT_MODELS)} checkpoints, not model_type {model_type!r}")
+    text = {**config, **(config.get("text_config") or {})}
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    theta = float(text.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    architecture, text_type = TEXT_MODELS[model_type]
+    out: dict[str, Any] = {"architectures": [architecture], "model_type": text_type}
+    out.update({key: text[key] for key in TEXT_KEYS if key in text})
+    out.update(
+        {
+            "rope_theta": theta,  # read by converters that predate transformers 5's rope_parameters
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "tie_word_embeddings": bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": int(text.get("max_window_layers", text["num_hidden_layers"])),
+            "use_cache": True,
+            "torch_dtype": "float32",
+            "dtype": "float32",
+        }
+    )
+    return out
+
+
+def text_tensor_name(name: str) -> str | None:
+    """Name of a VL checkpoint tensor in the text-only checkpoint; None for vision tensors."""
+    if name.startswith(("visual.", "model.visual.")):
+        return None
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("model.") or name == "lm_head.weight":
+        return name
+    raise PeerError(f"unexpected tensor {name!r} in the checkpoint: not a Qwen2.5-VL text or vision weight")
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many tokens the two sequences share before their first difference."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def step_rate(times: list[float], batch: int) -> float:
+    """Tokens/s between the first and the last generated step (prefill excluded), as tools/bench.py."""
+    return (len(times) - 1) * batch / (times[-1] - times[0])
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+def _run_logged(command: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> None:
+    """Run a converter with its output in ``log``; a failure is one line naming the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  {what} ...", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        raise PeerError(f"{what} failed ({tail[0][:200]}); full output in {log}")
+    print(f"  {what} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def write_text_checkpoint(model_dir: Path, out: Path) -> Path:
+    """The text part of model_dir as a plain causal-LM checkpoint (fp32 safetensors + tokenizer files)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"  writing the text part of {model_dir} to {out} ...", flush=True)
+    tensors: dict[str, Any] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                new = text_tensor_name(name)
+                if new is not None:
+                    tensors[new] = f.get_tensor(name).to(torch.float32).contiguous()
+    if not tensors:
+        raise PeerError(f"no *.safetensors weights in {model_dir}")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(text_config(config), indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, tmp / name)
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def convert_genai(text_dir: Path, work: Path, precision: str, python: str) -> Path:
+    """onnxruntime-genai model builder output for one precision (cached)."""
+    out = work / f"ortgenai-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(text_dir), "-o", str(tmp)]
+    command += ["-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")]
+    if precision != "fp32":
+        command += ["--extra_options", "block_size=32", "accuracy_level=4"]
+    _run_logged(command, work / "logs" / f"ortgenai-{precision}.log", f"onnxruntime-genai builder ({precision})")
+    tmp.rename(out)
+    return out
+
+
+def llama_cpp_source(work: Path, given: Path | None) -> Path:
+    """The llama.cpp folder holding convert_hf_to_gguf.py: --llama-cpp-src, or the installed version's sdist."""
+    if given is not None:
+        if not (given / "convert_hf_to_gguf.py").is_file():
+            raise PeerError(f"--llama-cpp-src {given} has no convert_hf_to_gguf.py")
+        return given
+    from importlib.metadata import version
+
+    release = version("llama-cpp-python")
+    src = work / f"llama-cpp-python-{release}-src"
+    if (src / "convert_hf_to_gguf.py").is_file():
+        return src
+    download = work / "downloads"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    command += [f"llama-cpp-python=={release}", "-d", str(download)]
+    _run_logged(command, work / "logs" / "llama-cpp-sdist.log", f"pip download llama-cpp-python=={release} (source)")
+    archive = next(download.glob(f"llama_cpp_python-{release}.tar.gz"), None)
+    if archive is None:
+        raise PeerError(f"pip download gave no llama_cpp_python-{release}.tar.gz in {download}")
+    prefix = f"llama_cpp_python-{release}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
+    tmp = src.with_name(src.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            rel = member.name[len(prefix) :] if member.name.startswith(prefix) else ""
+            if member.isfile() and rel.startswith(wanted):
+                member.name = rel
+                tar.extract(member, tmp, filter="data")
+    tmp.rename(src)
+    archive.unlink()  # 77 MB; the three parts needed are extracted
+    return src
+
+
+def convert_llama(text_dir: Path, work: Path, precision: str, src: Path, threads: int) -> Path:
+    """GGUF file of one precision (cached): f32 from convert_hf_to_gguf.py, others quantized from it."""
+    out = work / f"llamacpp-{LLAMA_TYPES[precision]}.gguf"
+    if out.is_file():
+        return out
+    f32 = work / "llamacpp-f32.gguf"
+    if not f32.is_file():
+        tmp = f32.with_name(f32.name + ".tmp")
+        command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(text_dir), "--outfile", str(tmp)]
+        command += ["--outtype", "f32"]
+        _run_logged(command, work / "logs" / "llamacpp-f32.log", "convert_hf_to_gguf.py (f32)")
+        tmp.rename(f32)
+    if precision == "fp32":
+        return f32
+    tmp = out.with_name(out.name + ".tmp")
+    code = (
+        "import ctypes, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+        "p.ftype = getattr(llama_cpp, 'LLAMA_FTYPE_MOSTLY_' + sys.argv[3].upper()); p.nthread = int(sys.argv[4]); "
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
+    )
+    command = [sys.executable, "-c", code, str(f32), str(tmp), LLAMA_TYPES[precision], str(threads)]
+    _run_logged(command, work / "logs" / f"llamacpp-{LLAMA_TYPES[precision]}.log", f"llama_model_quantize ({out.name})")
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- children
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+#: one generation: (start time, time each new token was known, the batch's first row of tokens)
+Run = tuple[float, list[float], list[int]]
+
+
+def measure(generate: Callable[[int, int], Run], prompt_len: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill and decode figures from ``generate(batch, new_tokens)`` (warm-up, then median of --repeats)."""
+    result: dict[str, Any] = {}
+    batches = [1, 4] if args.batch4 else [1]
+    for batch in batches:
+        generate(batch, args.new_tokens)  # warm-up
+        rates, prefill, busy, tokens = [], [], [], []
+        for _ in range(args.repeats):
+            wall, cpu = time.perf_counter(), _cpu_s()
+            start, times, tokens = generate(batch, args.new_tokens)
+            busy.append((_cpu_s() - cpu) / (time.perf_counter() - wall))
+            assert len(times) == args.new_tokens, f"{len(times)} tokens, not {args.new_tokens}"
+            rates.append(step_rate(times, batch))
+            prefill.append(prompt_len * batch / (times[0] - start))
+        result[f"decode_b{batch}_tok_s"] = {"median": statistics.median(rates), "runs": rates, "cores_busy": busy}
+        if batch == 1:
+            result["prefill_tok_s"] = {"median": statistics.median(prefill), "runs": prefill, "cores_busy": busy}
+            result["decode_tokens"] = [int(t) for t in tokens]
+    return result
+
+
+def child_ortgenai(model: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """onnxruntime-genai on the CPU; EOS is masked with min_length = max_length so every run is full length."""
+    import onnxruntime_genai as og
+
+    start = time.perf_counter()
+    config = og.Config(str(model))
+    config.clear_providers()
+    options = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    llm = og.Model(config)
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "rss_after_load_mib": _peak_rss_mib()}
+
+    def generate(batch: int, new_tokens: int) -> Run:
+        params = og.GeneratorParams(llm)
+        length = len(prompt) + new_tokens
+        params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=batch)
+        generator = og.Generator(llm, params)
+        times: list[float] = []
+        start = time.perf_counter()
+        generator.append_tokens(np.array([prompt] * batch, dtype=np.int32))
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+            times.append(time.perf_counter())
+        tokens = list(generator.get_sequence(0)[len(prompt) :])
+        del generator
+        return start, times, tokens
+
+    result.update(measure(generate, len(prompt), args))
+    result["version"] = og.__version__
+    result["peak_rss_mib"] = _peak_rss_mib()
+    return result
+
+
+def child_llamacpp(model: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """llama.cpp through llama-cpp-python's low-level API: one llama_batch per step, greedy argmax on the host."""
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    quiet = lc.llama_log_callback(lambda *_: None)  # held until the end: llama.cpp keeps the pointer
+    lc.llama_log_set(quiet, ctypes.c_void_p(0))
+    start = time.perf_counter()
+    model_params = lc.llama_model_default_params()
+    llm = lc.llama_model_load_from_file(str(model).encode(), model_params)
+    if not llm:
+        raise PeerError(f"llama.cpp could not load {model}")
+    n_seq = 4 if args.batch4 else 1
+    ctx_params = lc.llama_context_default_params()
+    ctx_params.n_ctx = (len(prompt) + args.new_tokens + 16) * n_seq
+    ctx_params.n_batch = ctx_params.n_ubatch = max(512, len(prompt))
+    ctx_params.n_seq_max = n_seq
+    ctx_params.n_threads = ctx_params.n_threads_batch = args.threads
+    ctx = lc.llama_init_from_model(llm, ctx_params)
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(llm))
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "rss_after_load_mib": _peak_rss_mib()}
+    batch_buf = lc.llama_batch_init(max(len(prompt), n_seq), 0, n_seq)
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        batch_buf.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch_buf.token[i], batch_buf.pos[i], batch_buf.n_seq_id[i] = token, pos, 1
+            batch_buf.seq_id[i][0], batch_buf.logits[i] = seq, logits
+        if lc.llama_decode(ctx, batch_buf) != 0:
+            raise PeerError("llama_decode failed")
+
+    def argmax(index: int) -> int:
+        row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(vocab,))
+        return int(row.argmax())
+
+    def generate(batch: int, new_tokens: int) -> Run:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        times: list[float] = []
+        rows: list[list[int]] = [[] for _ in range(batch)]
+        start = time.perf_counter()
+        for seq in range(batch):  # prefill each sequence (batch 1: just the one)
+            decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            rows[seq].append(argmax(len(prompt) - 1))
+        times.append(time.perf_counter())
+        for step in range(1, new_tokens):
+            pos = len(prompt) + step - 1
+            decode([(rows[seq][-1], pos, seq, True) for seq in range(batch)])
+            for seq in range(batch):
+                rows[seq].append(argmax(seq))
+            times.append(time.perf_counter())
+        return start, times, rows[0]
+
+    result.update(measure(generate, len(prompt), args))
+    result["version"] = lc.__version__
+    result["peak_rss_mib"] = _peak_rss_mib()
+    lc.llama_batch_free(batch_buf)
+    lc.llama_free(ctx)
+    lc.llama_model_free(llm)
+    del quiet
+    return result
+
+
+def child_reference(text_dir: Path, model_dir: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """transformers greedy tokens on the prompt ids: the text-only checkpoint and the original VL checkpoint."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    result: dict[str, Any] = {}
+    ids = torch.tensor([prompt])
+    for key, folder, cls in (("text", text_dir, AutoModelForCausalLM), ("vl", model_dir, AutoModelForImageTextToText)):
+        model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+        config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+        config.update(do_sample=False, repetition_penalty=1.0, eos_token_id=None, top_k=None, top_p=None)
+        config.update(temperature=None, pad_token_id=0)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                max_new_tokens=args.check_tokens,
+            )  # fmt: skip
+        result[f"{key}_tokens"] = out[0, len(prompt) :].tolist()
+        del model
+    result["transformers_version"] = transformers.__version__
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def available(peer: str, genai_python: str) -> str | None:
+    """None when the peer's package imports, else the one-line reason with the install command."""
+    modules, install = REQUIREMENTS[peer]
+    if peer == "ortgenai" and genai_python != sys.executable:
+        code = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
+        done = subprocess.run([genai_python, "-c", code, *modules], capture_output=True, text=True)
+        missing = done.stdout.split() if done.returncode == 0 else [f"{genai_python} (not runnable)"]
+    else:
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"skipping {peer}: {', '.join(missing)} not installed ({install})" if missing else None
+
+
+def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag: str, python: str) -> dict[str, Any]:
+    """One measurement in a fresh interpreter; its JSON result plus the load average around it."""
+    out = work / "results" / f"{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    command = [python, __file__, str(args.model_dir), "--child", kind, "--target", str(target)]
+    command += ["--inputs", str(work / "inputs.json"), "--child-out", str(out), "--threads", str(args.threads)]
+    command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
+    command += ["--check-tokens", str(args.check_tokens)] + ([] if args.batch4 else ["--no-batch4"])
+    print(f"running {tag} ...", flush=True)
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise PeerError(f"the {tag} child failed (exit {done.returncode}); its error is printed above")
+    print(f"  {tag} done in {time.perf_counter() - start:.0f} s", flush=True)
+    result = json.loads(out.read_text())
+    result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def prompt_ids(model_dir: Path, work: Path, prompt_tokens: int) -> dict[str, Any]:
+    """tools/bench.py's text prompt (write_inputs), templated and tokenized as our runtime does."""
+    from bench import _chat_template, _conversation, write_inputs
+    from tokenizers import Tokenizer
+
+    from vlm_export.runtime.chat import render_chat
+
+    inputs = write_inputs(model_dir, work, prompt_tokens, image_size=8, num_images=0)
+    rendered = render_chat(_chat_template(model_dir), _conversation(inputs["text"], []), add_generation_prompt=True)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    inputs["prompt_ids"] = tokenizer.encode(rendered, add_special_tokens=False).ids
+    return inputs
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for the report's header."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
+def _median(entry: Any) -> float | None:
+    return entry["median"] if isinstance(entry, dict) else entry
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The peer x precision table, the cores-busy caveat and the greedy-token agreement."""
+    print(f"\n{report['model_dir']}  ({report['threads']} threads, {report['cpus']} CPUs: {report.get('cpu_model')})")
+    print(
+        f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, greedy, EOS ignored, "
+        f"median of {report['repeats']} runs after a warm-up"
+    )
+    reference = report.get("reference", {})
+    if reference:
+        same = leading_agreement(reference["text_tokens"], reference["vl_tokens"])
+        print(
+            f"reference (transformers {reference['transformers_version']}): text-only checkpoint vs Qwen2.5-VL "
+            f"checkpoint greedy tokens agree for {same} of {len(reference['vl_tokens'])}"
+        )
+    header = f"{'peer':<10}{'precision':<11}{'decode b1':>11}{'decode b4':>11}{'prefill':>10}{'peak RSS':>10}"
+    header += f"{'cores busy':>12}{'tokens = ref':>14}"
+    print(header)
+    print(f"{'':<21}{'tok/s':>11}{'tok/s':>11}{'tok/s':>10}{'MiB':>10}{'(of ' + str(report['threads']) + ')':>12}")
+    for key, entry in report["results"].items():
+        peer, precision = key.split("/")
+        busy = [x for name in ("decode_b1_tok_s", "decode_b4_tok_s") for x in entry.get(name, {}).get("cores_busy", [])]
+        cells = []
+        for name, width in (("decode_b1_tok_s", 11), ("decode_b4_tok_s", 11), ("prefill_tok_s", 10)):
+            value = _median(entry.get(name))
+            cells.append(f"{value:>{width}.1f}" if value is not None else f"{'n/a':>{width}}")
+        agree = "-"
+        if reference.get("text_tokens"):
+            ref = reference["text_tokens"]
+            agree = f"{leading_agreement(entry['decode_tokens'][: len(ref)], ref)}/{len(ref)}"
+        label = entry.get("label", precision)
+        line = f"{peer:<10}{label:<11}" + "".join(cells) + f"{entry['peak_rss_mib']:>10.0f}"
+        line += f"{statistics.mean(busy):>12.2f}" if busy else f"{'-':>12}"
+        print(line + f"{agree:>14}")
+        before, after = entry.get("loadavg_1min", (0.0, 0.0))
+        if max(before, after) > report["threads"] + 0.5:
+            print(f"  warning: load average {before:.1f} / {after:.1f} around this run: the cores were shared")
+    for line in report.get("skipped", []):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", type=Path, nargs="?", help="Hugging Face Qwen2.5-VL folder (tools/make_model.py)")
+    parser.add_argument("--work", type=Path, help="folder for the converted models (cached) and the results")
+    parser.add_argument("--peers", default="ortgenai,llamacpp", help="comma-separated: ortgenai, llamacpp")
+    parser.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated: fp32, int8, int4")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every peer (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per decode run (default 128)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="templated text prompt length (default 64)")
+    parser.add_argument("--no-batch4", dest="batch4", action="store_false", help="skip the batch-4 decode runs")
+    parser.add_argument("--check-tokens", type=int, default=16, help="reference greedy tokens to compare (default 16)")
+    parser.add_argument(
+        "--genai-python",
+        default=sys.executable,
+        help="interpreter with onnxruntime-genai, when it lives in another venv (default: this one)",
+    )
+    parser.add_argument(
+        "--llama-cpp-src",
+        type=Path,
+        help="llama.cpp folder with convert_hf_to_gguf.py (default: the installed llama-cpp-python's source "
+        "package, fetched with pip download into --work)",
+    )
+    parser.add_argument("--convert-only", action="store_true", help="convert (into --work) and stop; measure nothing")
+    parser.add_argument("--json", type=Path, help="write the full report (all runs) to this file")
+    parser.add_argument("--show", action="store_true", help="print the table of an existing --json report; run nothing")
+    parser.add_argument("--child", choices=("ortgenai", "llamacpp", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        return _main(parser, args)
+    except PeerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.show:
+        if args.json is None:
+            parser.error("--show needs --json REPORT")
+        print_report(json.loads(args.json.read_text()))
+        return 0
+    if args.child:
+        prompt = json.loads(args.inputs.read_text())["prompt_ids"]
+        if args.child == "reference":
+            result = child_reference(args.target, args.model_dir.resolve(), prompt, args)
+        else:
+            result = {"ortgenai": child_ortgenai, "llamacpp": child_llamacpp}[args.child](args.target, prompt, args)
+        args.child_out.write_text(json.dumps(result, indent=2))
+        return 0
+    if args.model_dir is None or args.work is None:
+        parser.error("model_dir and --work are required (unless --show)")
+    peers = [p for p in args.peers.split(",") if p]
+    precisions = [p for p in args.precisions.split(",") if p]
+    for name, values, known in (("--peers", peers, PEERS), ("--precisions", precisions, PRECISIONS)):
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            parser.error(f"{name}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    model_dir, work = args.model_dir.resolve(), args.work.resolve()
+    args.model_dir = model_dir
+    if not (model_dir / "config.json").is_file():
+        raise PeerError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json)")
+    for module in ("torch", "transformers", "safetensors"):
+        if importlib.util.find_spec(module) is None:
+            raise PeerError(
+                f"{module} is not installed: the conversion needs the export extra (pip install -e .[export])"
+            )
+    skipped = [reason for peer in peers if (reason := available(peer, args.genai_python))]
+    for line in skipped:
+        print(line, flush=True)
+    peers = [p for p in peers if available(p, args.genai_python) is None]
+    if not peers:
+        raise PeerError("no peer to run: install one of them (see the lines above)")
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = prompt_ids(model_dir, work, args.prompt_tokens)
+    (work / "inputs.json").write_text(json.dumps(inputs))
+
+    print("converting (cached in --work) ...", flush=True)
+    text_dir = write_text_checkpoint(model_dir, work / "text-fp32")
+    targets: dict[str, tuple[Path, str]] = {}
+    src = llama_cpp_source(work, args.llama_cpp_src) if "llamacpp" in peers else None
+    for peer in peers:
+        for precision in precisions:
+            if peer == "ortgenai":
+                targets[f"{peer}/{precision}"] = (
+                    convert_genai(text_dir, work, precision, args.genai_python),
+                    precision,
+                )
+            else:
+                assert src is not None
+                path = convert_llama(text_dir, work, precision, src, args.threads)
+                targets[f"{peer}/{precision}"] = (path, LLAMA_TYPES[precision])
+
+    if args.convert_only:
+        print("\n".join(f"{key}: {path}" for key, (path, _) in targets.items()))
+        return 0
+    report: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "work": str(work),
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "prompt_tokens": len(inputs["prompt_ids"]),
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "skipped": skipped,
+        "results": {},
+    }
+    if args.check_tokens > 0:
+        report["reference"] = run_child("reference", text_dir, args, work, "reference", sys.executable)
+    for key, (path, label) in targets.items():
+        peer = key.split("/")[0]
+        python = args.genai_python if peer == "ortgenai" else sys.executable
+        result = run_child(peer, path, args, work, key.replace("/", "-"), python)
+        result.update(label=label, model=str(path), batch4=args.batch4)
+        report["results"][key] = result
+        if args.json:  # keep what is done if a later child fails
+            args.json.write_text(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
