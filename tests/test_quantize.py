@@ -71,8 +71,8 @@ def int8_all_graphs(tmp_path_factory, exported_qwen2_5_vl):
 def test_int4_graphs_use_matmul_nbits(int4_export, exported_qwen2_5_vl):
     out, _ = int4_export
     decoder, embedding, vision = (_op_counts(out / f"{g}.onnx") for g in ("decoder", "embedding", "vision_encoder"))
-    # every projection and the lm_head: 2 layers x 7 + 1, none left as a float MatMul
-    assert decoder.get("MatMulNBits") == 15 and "MatMul" not in decoder
+    # every projection and the lm_head: 2 layers x 4 (qkv and gate-up fused) + 1, none left as a float MatMul
+    assert decoder.get("MatMulNBits") == 9 and "MatMul" not in decoder
     assert embedding.get("GatherBlockQuantized") == 1
     assert "MatMulNBits" not in vision  # vision stays float32 by default
     fp32_bytes = sum((exported_qwen2_5_vl / f"{g}.onnx").stat().st_size for g in ("decoder", "embedding"))
@@ -87,7 +87,7 @@ def test_manifest_records_quantization(int4_export):
     assert quant["scheme"] == "int4" and quant["bits"] == 4
     assert quant["block_size"] == 32 and quant["accuracy_level"] == 4
     assert set(quant["graphs"]) == {"decoder", "embedding"}
-    assert quant["graphs"]["decoder"]["matmul_nbits"] == 15
+    assert quant["graphs"]["decoder"]["matmul_nbits"] == 9
     agreement = quant["agreement_vs_float32"]
     assert agreement["positions"] == 16 and 0.0 <= agreement["top1"] <= 1.0
     assert "teacher-forced agreement with float32" in summary and "quantized int4" in summary

@@ -2,16 +2,18 @@
 """Peer sides of the benchmark: onnxruntime-genai and llama.cpp on the text decoder of the same checkpoint.
 
     pip install onnxruntime-genai==0.18.0
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 --no-binary llama-cpp-python
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 sentencepiece==0.2.3 --no-binary llama-cpp-python
     python tools/make_model.py --preset qwen2_5_vl-0.5b --output /tmp/bench/m05
     python tools/bench_peers.py /tmp/bench/m05 --work /tmp/bench/m05-peers --peers ortgenai,llamacpp \
         --precisions fp32,int8,int4 --threads 2 --json peers.json
     python tools/bench_peers.py --show --json peers.json      # print the table of a saved report again
 
-(or ``pip install -e .[bench]`` for both pins). The peers run only the language model, so the text part of
-the Qwen2.5-VL checkpoint is first written as a plain ``Qwen2ForCausalLM`` checkpoint (config from the text
-config, ``model.language_model.*`` / ``model.*`` tensors as ``model.*``, tied embeddings kept tied; the
-vision tower is dropped) and each peer converts that same checkpoint with its own tools:
+(or ``pip install -e .[bench]`` for the same pins; llama-cpp-python compiles for ~15 min on 2 cores;
+onnxruntime-genai 0.18 uses the installed onnxruntime >= 1.31). The peers run only the language model, so
+the text part of the Qwen2.5-VL checkpoint is first written as a plain ``Qwen2ForCausalLM`` checkpoint
+(config from the text config, ``model.language_model.*`` / ``model.*`` tensors as ``model.*``, tied
+embeddings kept tied; the vision tower is dropped) and each peer converts that same checkpoint with its
+own tools:
 
   ortgenai   ``python -m onnxruntime_genai.models.builder -i TEXT -o OUT -p fp32|int8|int4 -e cpu`` with
              ``block_size=32 accuracy_level=4`` (as ``vlm-export --quantize``) and the builder's symmetric
@@ -26,8 +28,9 @@ child process (peak RSS from getrusage in the child) with --threads threads: onn
 session gets intra_op_num_threads through a config overlay, llama.cpp gets n_threads = n_threads_batch.
 
 Measured, with the definitions of tools/bench.py (same ~--prompt-tokens templated text prompt, built by its
-``write_inputs``; greedy; EOS ignored so every run makes exactly --new-tokens tokens; median of --repeats
-timed runs after one warm-up):
+``write_inputs`` and tokenized as our runtime does, fed to every peer as token ids; greedy on the host or by the
+peer; EOS never stops a run, so every run makes exactly --new-tokens tokens (onnxruntime-genai: min_length =
+max_length, which masks EOS); median of --repeats timed runs after one warm-up):
   decode b1/b4   tokens/s over the decode steps only: (steps - 1) x batch / (time of last token - time of
                  first token). onnxruntime-genai batches the same prompt 4 times (batch_size=4);
                  llama.cpp decodes 4 sequences (seq_id 0..3) in one llama_batch per step.
@@ -39,11 +42,12 @@ timed runs after one warm-up):
 Sanity check: a transformers child generates --check-tokens greedy tokens on the same prompt ids with the
 Qwen2ForCausalLM checkpoint written here and with the original Qwen2.5-VL checkpoint; the table reports how many
 of the first --check-tokens tokens of each peer agree with them (fp32 must agree: it proves the conversion
-used the same weights; quantized ones usually drift after a few tokens on random weights).
+used the same weights; quantized ones may differ from the first token: random weights give near-flat logits).
 
 Needs the ``export`` extra (torch, transformers, safetensors) for the conversion and the reference, and the
-``bench`` extra (onnxruntime-genai, llama-cpp-python) for the peers; a missing peer package is reported in one
-line and that peer is skipped.
+``bench`` extra (onnxruntime-genai, llama-cpp-python, sentencepiece) for the peers; a missing peer package is
+reported in one line and that peer is skipped. With another process on the cores the figures are floors: rerun
+when quiet (llama.cpp's spinning OpenMP threads suffer most when a core is taken).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.runtime.families import VisualBatch
-from vlm_export.runtime.generation import Generator, StepEvent
+from vlm_export.runtime.generation import CachedDecoding, Generator, StepEvent
 
 
 @dataclass
@@ -48,31 +48,13 @@ def forced_logits(
         input_ids[row, longest - len(prompt) :] = prompt
         attention_mask[row, longest - len(prompt) :] = 1
     vision_outputs = generator._vision(input_ids, visual)
-    embedding, decoder = generator.sessions["embedding"], generator.sessions["decoder"]
-    embeds = embedding.run({"input_ids": input_ids, "visual_embeds": vision_outputs["visual_embeds"]})["inputs_embeds"]
-    position_ids, state = generator.family.prefill_positions(input_ids, attention_mask, visual)
-    empty_past = np.zeros((batch, generator.kv_heads, 0, generator.head_dim), dtype=generator.dtype)
-    feeds: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask}
-    feeds.update(generator.family.decoder_feeds(input_ids, vision_outputs))
-    feeds.update({name: empty_past for name in generator.past_names})
-    outputs = decoder.run(feeds)
-    no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
+    decoding = CachedDecoding(generator, input_ids, attention_mask, visual, vision_outputs, steps)
     collected = []
     for step in range(steps):
-        collected.append(decoder.to_numpy(outputs["logits"])[:, -1, :].astype(np.float32))
+        collected.append(decoding.logits())
         if step == steps - 1:
             break
-        tokens = forced[:, step : step + 1].astype(np.int64)
-        attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        embeds = embedding.run({"input_ids": tokens, "visual_embeds": no_visual})["inputs_embeds"]
-        feeds = {
-            "inputs_embeds": embeds,
-            "position_ids": generator.family.decode_positions(attention_mask, state, 1),
-            "attention_mask": attention_mask,
-        }
-        feeds.update(generator.family.decoder_feeds(tokens, None))
-        feeds.update(zip(generator.past_names, (outputs[name] for name in generator.present_names), strict=True))
-        outputs = decoder.run(feeds)
+        decoding.advance(forced[:, step])
     return np.stack(collected, axis=1)
 
 

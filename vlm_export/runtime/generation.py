@@ -125,7 +125,6 @@ class Generator:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         vision_outputs = self._vision(input_ids, visual)
-        visual_embeds = vision_outputs["visual_embeds"]
         timings["vision_s"] = time.perf_counter() - start
 
         max_new = settings.max_new_tokens
@@ -133,22 +132,8 @@ class Generator:
         if limit is not None:
             max_new = min(max_new, limit - longest)
 
-        embedding, decoder = self.sessions["embedding"], self.sessions["decoder"]
         prefill_start = time.perf_counter()
-        # Capacity for the prompt and every new token, no more: attention spans the whole cache.
-        cache_shape = (batch, self.kv_heads, longest + max(max_new, 1), self.head_dim)
-        cache = {name: decoder.allocate(name, cache_shape) for name in self.past_names}
-        into = dict(zip(self.present_names, (cache[name] for name in self.past_names), strict=True))
-        embeds = embedding.run({"input_ids": input_ids, "visual_embeds": visual_embeds})["inputs_embeds"]
-        position_ids, state = self.family.prefill_positions(input_ids, attention_mask, visual)
-        feeds: dict[str, Any] = {
-            "inputs_embeds": embeds,
-            "position_ids": position_ids,
-            "attention_mask": attention_mask,
-        }
-        feeds.update(self.family.decoder_feeds(input_ids, vision_outputs))
-        feeds.update(cache)
-        outputs = decoder.run(feeds, into=into)
+        decoding = CachedDecoding(self, input_ids, attention_mask, visual, vision_outputs, max_new)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
 
@@ -157,11 +142,10 @@ class Generator:
         all_ids = input_ids
         finished = np.zeros(batch, dtype=bool)
         generated: list[np.ndarray] = []
-        no_visual = np.zeros((0, self.hidden), dtype=self.dtype)
         decode_start = time.perf_counter()
         for step in range(max_new):
-            logits = decoder.to_numpy(outputs["logits"])[:, -1, :].astype(np.float32, copy=False)
-            tokens = selector.select(logits, all_ids, attention_mask).astype(np.int64)
+            logits = decoding.logits()
+            tokens = selector.select(logits, all_ids, decoding.attention_mask).astype(np.int64)
             tokens = np.where(finished, pad_id, tokens)
             generated.append(tokens)
             all_ids = np.concatenate([all_ids, tokens[:, None]], axis=1)
@@ -170,16 +154,7 @@ class Generator:
             yield StepEvent(step=step, tokens=tokens, finished=finished.copy(), logits=logits)
             if finished.all() or step == max_new - 1:
                 break
-            attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            embeds = embedding.run({"input_ids": tokens[:, None], "visual_embeds": no_visual})["inputs_embeds"]
-            feeds = {
-                "inputs_embeds": embeds,
-                "position_ids": self.family.decode_positions(attention_mask, state, 1),
-                "attention_mask": attention_mask,
-            }
-            feeds.update(self.family.decoder_feeds(tokens[:, None], None))
-            feeds.update(cache)
-            outputs = decoder.run(feeds, into=into)
+            decoding.advance(tokens)
         decode_s = time.perf_counter() - decode_start
         timings["decode_s"] = decode_s
         steps_done = max(len(generated) - 1, 0)
@@ -201,3 +176,63 @@ class Generator:
             prompt_tokens=[len(p) for p in prompts],
             timings=timings,
         )
+
+
+class CachedDecoding:
+    """One request's decoder state: the prefill at construction, then one `advance` per chosen token.
+
+    The KV cache is allocated here once, with room for the prompt and `max_new` tokens and no more (attention
+    spans the whole cache), and every decoder call updates it in place: each cache buffer is both the `past`
+    input and, through `into`, the `present` output. Shared by `Generator.steps` and the exporter's
+    teacher-forced agreement check, so both run exactly the same feeds.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        visual: VisualBatch,
+        vision_outputs: dict[str, np.ndarray],
+        max_new: int,
+    ):
+        self.generator = generator
+        self.embedding, self.decoder = generator.sessions["embedding"], generator.sessions["decoder"]
+        batch, longest = input_ids.shape
+        shape = (batch, generator.kv_heads, longest + max(max_new, 1), generator.head_dim)
+        self.cache = {name: self.decoder.allocate(name, shape) for name in generator.past_names}
+        self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
+        self.no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
+        embeds = self.embedding.run({"input_ids": input_ids, "visual_embeds": vision_outputs["visual_embeds"]})
+        position_ids, self.state = generator.family.prefill_positions(input_ids, attention_mask, visual)
+        self.attention_mask = attention_mask
+        feeds: dict[str, Any] = {
+            "inputs_embeds": embeds["inputs_embeds"],
+            "position_ids": position_ids,
+            "attention_mask": attention_mask,
+        }
+        feeds.update(generator.family.decoder_feeds(input_ids, vision_outputs))
+        self._run(feeds)
+
+    def _run(self, feeds: dict[str, Any]) -> None:
+        feeds.update(self.cache)
+        self.outputs = self.decoder.run(feeds, into=self.into)
+
+    def logits(self) -> np.ndarray:
+        """Float32 logits [B, V] of the last position fed."""
+        return self.decoder.to_numpy(self.outputs["logits"])[:, -1, :].astype(np.float32, copy=False)
+
+    def advance(self, tokens: np.ndarray) -> None:
+        """Feed one token per row ([B] int64): the cache grows by one position."""
+        batch = tokens.shape[0]
+        tokens = tokens.reshape(batch, 1).astype(np.int64, copy=False)
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        family = self.generator.family
+        embeds = self.embedding.run({"input_ids": tokens, "visual_embeds": self.no_visual})["inputs_embeds"]
+        feeds: dict[str, Any] = {
+            "inputs_embeds": embeds,
+            "position_ids": family.decode_positions(self.attention_mask, self.state, 1),
+            "attention_mask": self.attention_mask,
+        }
+        feeds.update(family.decoder_feeds(tokens, None))
+        self._run(feeds)

@@ -6,7 +6,9 @@ logits, once per step). Each output name has two device buffers used in turn, so
 session has run twice more. The KV cache is different: `allocate` gives one buffer per cache input and `run(...,
 into=...)` binds the matching `present` output to the same address, which is what TensorRT's KVCacheUpdate layer
 (ONNX TensorScatter) requires: it updates the cache in place. An engine built with a fixed cache capacity
-(min = max in every profile) gets buffers of that capacity, whatever the caller asked for.
+(min = max in every profile) gets buffers of that capacity, whatever the caller asked for. Engines built for a
+TensorRT without TensorScatter import (the graph rewritten to an out-of-place ScatterElements) never alias: their
+`into` outputs are written to a pool buffer and copied into place on the GPU after the run.
 
 tensorrt and polygraphy are imported when the backend is created, never at module import, so the runtime imports
 and runs on machines without them.
@@ -163,6 +165,8 @@ class TrtSession:
         self.staging: dict[str, Any] = {}
         self.pools: dict[str, list[Any]] = {}
         self.allocated: dict[str, Any] = {}
+        # KVCacheUpdate layers need present aliased to past; a rewritten TensorScatter must not alias
+        self.aliasing = "TensorScatter" not in meta.get("rewritten_ops", [])
 
     # -- profiles ------------------------------------------------------------------------------------
     def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -266,6 +270,7 @@ class TrtSession:
                 raise BackendError(f"{self.name}: TensorRT rejected input {name} with shape {shape}")
         busy = {ptr for ptr, _ in bound.values()}
         outputs = {}
+        copies = []
         for name in self.outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -278,8 +283,13 @@ class TrtSession:
                         f"{self.name}: output {name} is {shape} {dtype} but the buffer given for it is "
                         f"{target.shape} {target.dtype}"
                     )
-                context.set_tensor_address(name, target.ptr)
                 outputs[name] = target
+                if self.aliasing:
+                    context.set_tensor_address(name, target.ptr)
+                    continue
+                staged = self._output_buffer(name, target.nbytes, busy)
+                context.set_tensor_address(name, staged.ptr)
+                copies.append((target.ptr, staged.ptr, target.nbytes))
                 continue
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             buffer = self._output_buffer(name, nbytes, busy)
@@ -287,6 +297,9 @@ class TrtSession:
             outputs[name] = GpuTensor(buffer.ptr, shape, dtype)
         if not context.execute_async_v3(self.backend.stream.ptr):
             raise BackendError(f"{self.name}: TensorRT execution failed (see the TensorRT log above)")
+        cuda = self.backend.cuda
+        for dst, src, nbytes in copies:
+            cuda.wrapper().memcpy(dst, src, nbytes, cuda.MemcpyKind.DeviceToDevice, self.backend.stream.ptr)
         return outputs
 
     def to_numpy(self, value: Any) -> np.ndarray:
