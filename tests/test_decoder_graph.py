@@ -63,3 +63,14 @@ def test_sibling_projections_are_one_matmul(family: str, request: pytest.Fixture
     model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
     assert len(matmuls) == 4 * int(text["num_layers"]) + 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_is_one_op_per_tensor(family: str, request: pytest.FixtureRequest) -> None:
+    """Queries and keys are rotated by ONNX RotaryEmbedding (MRoPE included), not the six-op rotate-half chain."""
+    folder: Path = request.getfixturevalue(f"exported_{family}")
+    text = json.loads((folder / "manifest.json").read_text())["text"]
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("RotaryEmbedding") == 2 * int(text["num_layers"])
+    assert "Neg" not in ops
