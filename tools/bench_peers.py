@@ -463,6 +463,33 @@ def available(peer: str, genai_python: str) -> str | None:
     return f"skipping {peer}: {', '.join(missing)} not installed ({install})" if missing else None
 
 
+def idle_fraction(seconds: float = 3.0) -> float:
+    """Fraction of all CPUs' time spent idle over the next ``seconds`` (Linux /proc/stat; 1.0 elsewhere)."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return values[3] + values[4], sum(values[:8])  # idle + iowait, all but guest time
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_until_idle(limit_s: float, threshold: float = 0.9) -> float:
+    """Wait up to ``limit_s`` for the CPUs to be >= ``threshold`` idle; returns the last idle fraction seen."""
+    deadline = time.monotonic() + limit_s
+    idle = idle_fraction()
+    while idle < threshold and time.monotonic() < deadline:
+        print(f"  waiting for idle CPUs ({idle:.0%} idle) ...", flush=True)
+        time.sleep(10)
+        idle = idle_fraction()
+    return idle
+
+
 def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag: str, python: str) -> dict[str, Any]:
     """One measurement in a fresh interpreter; its JSON result plus the load average around it."""
     out = work / "results" / f"{tag}.json"
@@ -472,6 +499,7 @@ def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag
     command += ["--inputs", str(work / "inputs.json"), "--child-out", str(out), "--threads", str(args.threads)]
     command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
     command += ["--check-tokens", str(args.check_tokens)] + ([] if args.batch4 else ["--no-batch4"])
+    idle = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
     print(f"running {tag} ...", flush=True)
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     done = subprocess.run(command, env=env)
@@ -480,6 +508,8 @@ def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag
     print(f"  {tag} done in {time.perf_counter() - start:.0f} s", flush=True)
     result = json.loads(out.read_text())
     result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+    if idle is not None:
+        result["idle_before"] = idle
     return result
 
 
@@ -495,6 +525,18 @@ def prompt_ids(model_dir: Path, work: Path, prompt_tokens: int) -> dict[str, Any
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     inputs["prompt_ids"] = tokenizer.encode(rendered, add_special_tokens=False).ids
     return inputs
+
+
+def previous_report(path: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The report in ``path`` (--update), whose results this run replaces key by key; it must measure the same."""
+    report = json.loads(path.read_text())
+    for key in ("model_dir", "threads", "prompt_tokens", "new_tokens"):
+        if report.get(key) != fresh[key]:
+            raise PeerError(
+                f"--update: {path} has {key} {report.get(key)!r}, this run {fresh[key]!r}; use another --json"
+            )
+    report["skipped"] = fresh["skipped"]
+    return report
 
 
 def cpu_model() -> str:
@@ -515,7 +557,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\n{report['model_dir']}  ({report['threads']} threads, {report['cpus']} CPUs: {report.get('cpu_model')})")
     print(
         f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, greedy, EOS ignored, "
-        f"median of {report['repeats']} runs after a warm-up"
+        f"median of {report['repeats']} runs after a warm-up, {report.get('rounds', 1)} interleaved round(s)"
     )
     reference = report.get("reference", {})
     if reference:
@@ -577,6 +619,27 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="llama.cpp folder with convert_hf_to_gguf.py (default: the installed llama-cpp-python's source "
         "package, fetched with pip download into --work)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every peer x precision this many times, interleaved; each figure is the median of the rounds' "
+        "medians (as tools/bench.py --rounds; default 1)",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with an existing --json report: rerun only the given --peers x --precisions (e.g. one a neighbour "
+        "disturbed) and replace those rows, keeping the others",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each measurement, wait up to SECONDS for the CPUs to be >= 90%% idle over 3 s (a shared "
+        "machine; default 0: do not wait)",
     )
     parser.add_argument("--convert-only", action="store_true", help="convert (into --work) and stop; measure nothing")
     parser.add_argument("--json", type=Path, help="write the full report (all runs) to this file")
@@ -662,19 +725,28 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "prompt_tokens": len(inputs["prompt_ids"]),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "skipped": skipped,
         "results": {},
     }
-    if args.check_tokens > 0:
+    if args.update and args.json and args.json.is_file():
+        report = previous_report(args.json, report)
+    if args.check_tokens > 0 and "reference" not in report:
         report["reference"] = run_child("reference", text_dir, args, work, "reference", sys.executable)
-    for key, (path, label) in targets.items():
-        peer = key.split("/")[0]
-        python = args.genai_python if peer == "ortgenai" else sys.executable
-        result = run_child(peer, path, args, work, key.replace("/", "-"), python)
-        result.update(label=label, model=str(path), batch4=args.batch4)
-        report["results"][key] = result
-        if args.json:  # keep what is done if a later child fails
-            args.json.write_text(json.dumps(report, indent=2))
+    from bench import merge_rounds
+
+    rounds: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
+    for index in range(args.rounds):  # interleaved: a neighbour taking the cores for a while hits every key less
+        for key, (path, label) in targets.items():
+            peer = key.split("/")[0]
+            python = args.genai_python if peer == "ortgenai" else sys.executable
+            tag = key.replace("/", "-") + (f"-{index}" if args.rounds > 1 else "")
+            rounds[key].append(run_child(peer, path, args, work, tag, python))
+            result = merge_rounds(rounds[key])
+            result.update(label=label, model=str(path), batch4=args.batch4)
+            report["results"][key] = result
+            if args.json:  # keep what is done if a later child fails
+                args.json.write_text(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print_report(report)

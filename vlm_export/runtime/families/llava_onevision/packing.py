@@ -29,6 +29,7 @@ from vlm_export.runtime.families.llava_onevision.preprocess import (
     DEFAULT_IMAGE_GRID_PINPOINTS,
     select_best_resolution,
 )
+from vlm_export.runtime.families.processor_values import config_from_manifest
 
 __all__ = [
     "LlavaPackingConfig",
@@ -117,20 +118,9 @@ class LlavaPackingConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LlavaPackingConfig:
         """Inverse of :meth:`to_dict`; a manifest missing a field is refused rather than guessed."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in fields if n not in d]
-        if missing:
-            raise ManifestError(f"packing config in manifest lacks {', '.join(missing)}; re-export the model")
-        try:
-            cfg = cls(
-                patches_per_side=int(d["patches_per_side"]),
-                crop_size=int(d["crop_size"]),
-                image_grid_pinpoints=_pinpoints(d["image_grid_pinpoints"]),
-                vision_aspect_ratio=str(d["vision_aspect_ratio"]),
-                vision_feature_select_strategy=str(d["vision_feature_select_strategy"]),
-            )
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"bad packing config in manifest: {e}; re-export the model") from e
+        converters = {"patches_per_side": int, "crop_size": int, "image_grid_pinpoints": _pinpoints}
+        converters.update({name: str for name in ("vision_aspect_ratio", "vision_feature_select_strategy")})
+        cfg = config_from_manifest(cls, d, "packing", converters)
         cfg._validate(ManifestError)
         return cfg
 
