@@ -95,6 +95,18 @@ def test_leading_agreement_and_step_rate(bench_peers):
     assert bench_peers.step_rate([10.0, 10.5, 11.0], batch=4) == pytest.approx(8.0)
 
 
+def test_compare_logits(bench_peers):
+    np = pytest.importorskip("numpy")
+    reference = np.arange(20, dtype=np.float32)
+    same = bench_peers.compare_logits(reference.copy(), reference)
+    assert same["max_abs_diff"] == 0 and same["top1_same"] and same["top10_overlap"] == 10
+    swapped = reference.copy()
+    swapped[[19, 0]] = swapped[[0, 19]]  # the best id becomes the worst
+    other = bench_peers.compare_logits(swapped, reference)
+    assert other["max_abs_diff"] == 19 and not other["top1_same"] and other["top10_overlap"] == 9
+    assert other["relative_diff"] == pytest.approx(19 / reference.std())
+
+
 @pytest.mark.parametrize("layout", ["tiny_qwen2_5_vl_dir", "tiny_qwen2_5_vl_v5_dir"])
 def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, request, layout):
     """The written Qwen2ForCausalLM gives the tiny Qwen2.5-VL's text logits (so the peers get the same weights),

@@ -5,7 +5,10 @@
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 sentencepiece==0.2.3 --no-binary llama-cpp-python
     python tools/make_model.py --preset qwen2_5_vl-0.5b --output /tmp/bench/m05
     python tools/bench_peers.py /tmp/bench/m05 --work /tmp/bench/m05-peers --peers ortgenai,llamacpp \
-        --precisions fp32,int8,int4 --threads 2 --json peers.json
+        --precisions fp32,int8,int4 --threads 2 --rounds 2 --wait-idle 90 --json peers.json
+    # rerun rows a neighbour disturbed (cores busy well below --threads), keeping the others:
+    python tools/bench_peers.py /tmp/bench/m05 --work /tmp/bench/m05-peers --peers llamacpp --precisions int8 \
+        --rounds 2 --update --json peers.json
     python tools/bench_peers.py --show --json peers.json      # print the table of a saved report again
 
 (or ``pip install -e .[bench]`` for the same pins; llama-cpp-python compiles for ~15 min on 2 cores;
@@ -40,9 +43,12 @@ max_length, which masks EOS); median of --repeats timed runs after one warm-up):
                  took the cores during that run (the machine was shared), so treat that figure as a floor.
 
 Sanity check: a transformers child generates --check-tokens greedy tokens on the same prompt ids with the
-Qwen2ForCausalLM checkpoint written here and with the original Qwen2.5-VL checkpoint; the table reports how many
-of the first --check-tokens tokens of each peer agree with them (fp32 must agree: it proves the conversion
-used the same weights; quantized ones may differ from the first token: random weights give near-flat logits).
+Qwen2ForCausalLM checkpoint written here and with the original Qwen2.5-VL checkpoint (they must agree), and
+keeps the text checkpoint's next-token logits after the prompt. The table reports how many of the first
+--check-tokens greedy tokens of each peer agree with it, and the peer's next-token logits against it (max |diff|
+over the reference's std, and how many of the top-10 ids they share). fp32 must agree (it proves the conversion
+used the same weights; llama.cpp's f16 KV cache leaves ~1e-3); random-weight models repeat one token for long
+stretches, so the logits are the stronger check, and quantized peers may differ from the first token.
 
 Needs the ``export`` extra (torch, transformers, safetensors) for the conversion and the reference, and the
 ``bench`` extra (onnxruntime-genai, llama-cpp-python, sentencepiece) for the peers; a missing peer package is
@@ -302,6 +308,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def save_logits(args: argparse.Namespace, logits: np.ndarray) -> None:
+    """The prompt's next-token logits next to the child's JSON, for the parent's comparison with the reference."""
+    np.save(args.child_out.with_suffix(".logits.npy"), np.asarray(logits, dtype=np.float32))
+
+
+def compare_logits(logits: np.ndarray, reference: np.ndarray, top: int = 10) -> dict[str, Any]:
+    """Max abs difference of two next-token logit vectors, relative to the reference's spread, and top-k overlap."""
+    diff = float(np.abs(logits - reference).max())
+    ours, theirs = np.argsort(-logits)[:top], np.argsort(-reference)[:top]
+    return {
+        "max_abs_diff": diff,
+        "relative_diff": diff / float(reference.std() or 1.0),
+        "top1_same": bool(ours[0] == theirs[0]),
+        f"top{top}_overlap": len(set(ours.tolist()) & set(theirs.tolist())),
+    }
+
+
 #: one generation: (start time, time each new token was known, the batch's first row of tokens)
 Run = tuple[float, list[float], list[int]]
 
@@ -354,6 +377,12 @@ def child_ortgenai(model: Path, prompt: list[int], args: argparse.Namespace) -> 
         del generator
         return start, times, tokens
 
+    params = og.GeneratorParams(llm)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 1, batch_size=1)
+    generator = og.Generator(llm, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    save_logits(args, np.asarray(generator.get_logits()).reshape(-1))
+    del generator
     result.update(measure(generate, len(prompt), args))
     result["version"] = og.__version__
     result["peak_rss_mib"] = _peak_rss_mib()
@@ -413,6 +442,9 @@ def child_llamacpp(model: Path, prompt: list[int], args: argparse.Namespace) -> 
             times.append(time.perf_counter())
         return start, times, rows[0]
 
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    decode([(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+    save_logits(args, np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, len(prompt) - 1), shape=(vocab,)).copy())
     result.update(measure(generate, len(prompt), args))
     result["version"] = lc.__version__
     result["peak_rss_mib"] = _peak_rss_mib()
@@ -445,6 +477,9 @@ def child_reference(text_dir: Path, model_dir: Path, prompt: list[int], args: ar
                 max_new_tokens=args.check_tokens,
             )  # fmt: skip
         result[f"{key}_tokens"] = out[0, len(prompt) :].tolist()
+        if key == "text":
+            with torch.inference_mode():
+                save_logits(args, model(input_ids=ids).logits[0, -1].float().numpy())
         del model
     result["transformers_version"] = transformers.__version__
     return result
@@ -456,11 +491,14 @@ def available(peer: str, genai_python: str) -> str | None:
     modules, install = REQUIREMENTS[peer]
     if peer == "ortgenai" and genai_python != sys.executable:
         code = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
-        done = subprocess.run([genai_python, "-c", code, *modules], capture_output=True, text=True)
-        missing = done.stdout.split() if done.returncode == 0 else [f"{genai_python} (not runnable)"]
+        try:
+            done = subprocess.run([genai_python, "-c", code, *modules], capture_output=True, text=True)
+        except OSError:
+            return f"skipping {peer}: --genai-python {genai_python} cannot be run"
+        missing = done.stdout.split() if done.returncode == 0 else [f"(--genai-python {genai_python} failed)"]
     else:
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    return f"skipping {peer}: {', '.join(missing)} not installed ({install})" if missing else None
+    return f"skipping {peer}: {', '.join(missing)} not importable ({install})" if missing else None
 
 
 def idle_fraction(seconds: float = 3.0) -> float:
@@ -566,10 +604,12 @@ def print_report(report: dict[str, Any]) -> None:
             f"reference (transformers {reference['transformers_version']}): text-only checkpoint vs Qwen2.5-VL "
             f"checkpoint greedy tokens agree for {same} of {len(reference['vl_tokens'])}"
         )
+        print("logits: each peer's next-token logits after the prompt vs the text-only checkpoint's (max |diff| / std)")
     header = f"{'peer':<10}{'precision':<11}{'decode b1':>11}{'decode b4':>11}{'prefill':>10}{'peak RSS':>10}"
-    header += f"{'cores busy':>12}{'tokens = ref':>14}"
+    header += f"{'cores busy':>12}{'tokens = ref':>14}{'logits |d|':>12}{'top-10':>8}"
     print(header)
-    print(f"{'':<21}{'tok/s':>11}{'tok/s':>11}{'tok/s':>10}{'MiB':>10}{'(of ' + str(report['threads']) + ')':>12}")
+    units = f"{'':<21}{'tok/s':>11}{'tok/s':>11}{'tok/s':>10}{'MiB':>10}{'(of ' + str(report['threads']) + ')':>12}"
+    print(units + f"{'':>14}{'/ spread':>12}{'shared':>8}")
     for key, entry in report["results"].items():
         peer, precision = key.split("/")
         busy = [x for name in ("decode_b1_tok_s", "decode_b4_tok_s") for x in entry.get(name, {}).get("cores_busy", [])]
@@ -584,7 +624,12 @@ def print_report(report: dict[str, Any]) -> None:
         label = entry.get("label", precision)
         line = f"{peer:<10}{label:<11}" + "".join(cells) + f"{entry['peak_rss_mib']:>10.0f}"
         line += f"{statistics.mean(busy):>12.2f}" if busy else f"{'-':>12}"
-        print(line + f"{agree:>14}")
+        logits = entry.get("logits_vs_reference")
+        if logits:
+            line += f"{agree:>14}{logits['relative_diff']:>12.1e}{logits['top10_overlap']:>6}/10"
+        else:
+            line += f"{agree:>14}{'-':>12}{'-':>8}"
+        print(line)
         before, after = entry.get("loadavg_1min", (0.0, 0.0))
         if max(before, after) > report["threads"] + 0.5:
             print(f"  warning: load average {before:.1f} / {after:.1f} around this run: the cores were shared")
@@ -612,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--genai-python",
         default=sys.executable,
-        help="interpreter with onnxruntime-genai, when it lives in another venv (default: this one)",
+        help="interpreter with onnxruntime-genai, when it lives in another venv that also has numpy, torch and "
+        "transformers (its model builder loads the checkpoint with them; default: this interpreter)",
     )
     parser.add_argument(
         "--llama-cpp-src",
@@ -687,10 +733,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise PeerError(
                 f"{module} is not installed: the conversion needs the export extra (pip install -e .[export])"
             )
-    skipped = [reason for peer in peers if (reason := available(peer, args.genai_python))]
+    reasons = {peer: available(peer, args.genai_python) for peer in peers}
+    skipped = [reason for reason in reasons.values() if reason]
     for line in skipped:
         print(line, flush=True)
-    peers = [p for p in peers if available(p, args.genai_python) is None]
+    peers = [p for p in peers if reasons[p] is None]
     if not peers:
         raise PeerError("no peer to run: install one of them (see the lines above)")
     work.mkdir(parents=True, exist_ok=True)
@@ -743,6 +790,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             tag = key.replace("/", "-") + (f"-{index}" if args.rounds > 1 else "")
             rounds[key].append(run_child(peer, path, args, work, tag, python))
             result = merge_rounds(rounds[key])
+            reference_logits = work / "results" / "reference.logits.npy"
+            if reference_logits.is_file():
+                logits = np.load(work / "results" / f"{tag}.logits.npy")
+                result["logits_vs_reference"] = compare_logits(logits, np.load(reference_logits))
             result.update(label=label, model=str(path), batch4=args.batch4)
             report["results"][key] = result
             if args.json:  # keep what is done if a later child fails
