@@ -77,3 +77,31 @@ def test_groups_that_must_not_fuse():
     assert _count(model, "MatMul") == 3 and _count(model, "Add") == 1
     for a, b in zip(want, _run(model, feeds), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_graph_with_external_weights_is_rewritten_tensor_by_tensor(tmp_path):
+    """The exporter's path for multi-GB graphs: fused weights and the untouched ones end up in one new data file
+    (replacing the old one), read back by ONNX Runtime to the same outputs."""
+    from vlm_export.exporter.onnx_export import fuse_projections
+
+    inits = [_init("wq", 8, 8), _init("wk", 8, 4), _init("bq", 8), _init("bk", 4), _init("wo", 12, 8)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q_mm"]),
+        helper.make_node("Add", ["q_mm", "bq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k_mm"]),
+        helper.make_node("Add", ["k_mm", "bk"], ["k"]),
+        helper.make_node("Concat", ["q", "k"], ["qk"], axis=-1),
+        helper.make_node("MatMul", ["qk", "wo"], ["y"]),  # a single MatMul: its weight is copied as is
+    ]
+    model = _model(nodes, inits, ["y"])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="old.bin", size_threshold=0)
+    feeds = {"x": RNG.standard_normal((2, 3, 8)).astype(np.float32)}
+    want = _run(onnx.load(str(path)), feeds)
+    assert fuse_projections(path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+    fused = onnx.load(str(path), load_external_data=False)
+    assert _count(fused, "MatMul") == 2
+    assert {e.value for i in fused.graph.initializer for e in i.external_data if e.key == "location"} == {"g.onnx.data"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, feeds)[0], want[0], rtol=1e-6, atol=1e-6)

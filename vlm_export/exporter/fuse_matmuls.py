@@ -9,13 +9,16 @@ own, so the quantized values do not change). TensorRT, too, runs one GEMM instea
 
 Only MatMuls whose weight is a 2-D initializer are grouped; a bias is fused only when every member has one (an
 Add with a 1-D initializer as the MatMul output's only consumer). Outputs keep their names, so nothing
-downstream changes.
+downstream changes. Weights are read one group at a time through `load` and handed to `store` as soon as they
+are concatenated, so a multi-GB graph is rewritten without holding its weights in memory (see
+`onnx_export.fuse_projections`, which streams them into a new external-data file).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +31,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Member:
     matmul: onnx.NodeProto
-    weight: np.ndarray
+    weight: onnx.TensorProto  # [K, N] initializer, read only when its group is fused
     bias_node: onnx.NodeProto | None = None
-    bias: np.ndarray | None = None
+    bias: onnx.TensorProto | None = None
+
+    @property
+    def columns(self) -> int:
+        return int(self.weight.dims[1])
 
     @property
     def output(self) -> str:
@@ -46,8 +53,15 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
-def fuse_sibling_matmuls(model: onnx.ModelProto) -> int:
-    """Rewrite `model` (weights loaded) in place; returns the number of MatMul groups fused."""
+Load = Callable[[onnx.TensorProto], np.ndarray]
+Store = Callable[[np.ndarray, str], onnx.TensorProto]
+
+
+def fuse_sibling_matmuls(
+    model: onnx.ModelProto, load: Load = numpy_helper.to_array, store: Store = numpy_helper.from_array
+) -> int:
+    """Rewrite `model` in place; returns the number of MatMul groups fused. `load` reads an initializer's values
+    (default: weights already in the proto), `store` turns a new array into an initializer."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     readers = _consumers(graph)
@@ -59,36 +73,36 @@ def fuse_sibling_matmuls(model: onnx.ModelProto) -> int:
         weight_init = initializers[node.input[1]]
         if len(weight_init.dims) != 2 or len(readers[node.input[1]]) != 1:
             continue
-        member = _Member(node, numpy_helper.to_array(weight_init))
+        member = _Member(node, weight_init)
         after = readers[node.output[0]]
         if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs:
             add = after[0]
             other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-            if other in initializers and list(initializers[other].dims) == [member.weight.shape[1]]:
-                member.bias_node, member.bias = add, numpy_helper.to_array(initializers[other])
+            if other in initializers and list(initializers[other].dims) == [member.columns]:
+                member.bias_node, member.bias = add, initializers[other]
         groups[node.input[0]].append(member)
 
     fused, removed, replacement = 0, set(), {}
     dropped_inits: set[str] = set()
     for source, members in groups.items():
-        if len(members) < 2 or len({m.weight.dtype for m in members}) != 1:
+        if len(members) < 2 or len({m.weight.data_type for m in members}) != 1:
             continue
-        if len({m.weight.shape[0] for m in members}) != 1:
+        if len({m.weight.dims[0] for m in members}) != 1:
             continue
         with_bias = all(m.bias is not None for m in members)
         prefix = f"{members[0].matmul.name or members[0].matmul.output[0]}_fused{fused}"
-        weight = numpy_helper.from_array(np.concatenate([m.weight for m in members], axis=1), prefix + ".weight")
+        weight = store(np.concatenate([load(m.weight) for m in members], axis=1), prefix + ".weight")
         new_inits = [weight]
         nodes = [helper.make_node("MatMul", [source, weight.name], [prefix + ".out"], name=prefix)]
         split_input = prefix + ".out"
         if with_bias:
-            bias = np.concatenate([m.bias for m in members]).astype(members[0].weight.dtype)
-            new_inits.append(numpy_helper.from_array(bias, prefix + ".bias"))
+            bias = np.concatenate([load(m.bias) for m in members if m.bias is not None])
+            new_inits.append(store(bias, prefix + ".bias"))
             nodes.append(
                 helper.make_node("Add", [split_input, prefix + ".bias"], [prefix + ".biased"], name=prefix + "_add")
             )
             split_input = prefix + ".biased"
-        sizes = numpy_helper.from_array(np.array([m.weight.shape[1] for m in members], np.int64), prefix + ".sizes")
+        sizes = numpy_helper.from_array(np.array([m.columns for m in members], np.int64), prefix + ".sizes")
         new_inits.append(sizes)
         member_outputs = [m.output if with_bias else m.matmul.output[0] for m in members]
         nodes.append(
