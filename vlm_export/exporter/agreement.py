@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.runtime.families import VisualBatch
-from vlm_export.runtime.generation import CachedDecoding, Generator, StepEvent
+from vlm_export.runtime.generation import CachedDecoding, Generator, StepEvent, left_pad
 
 
 @dataclass
@@ -40,13 +40,8 @@ def forced_logits(
     The same prefill / decode feeds as `Generator.steps` (family hooks for positions and extra decoder inputs),
     with the token choice replaced by ``forced``: logits[:, t] predict forced[:, t].
     """
-    batch, steps = forced.shape
-    longest = max(len(p) for p in prompts)
-    input_ids = np.zeros((batch, longest), dtype=np.int64)
-    attention_mask = np.zeros((batch, longest), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt) :] = prompt
-        attention_mask[row, longest - len(prompt) :] = 1
+    steps = forced.shape[1]
+    input_ids, attention_mask = left_pad(prompts, pad_id=0)
     vision_outputs = generator._vision(input_ids, visual)
     decoding = CachedDecoding(generator, input_ids, attention_mask, visual, vision_outputs, steps)
     collected = []

@@ -158,8 +158,7 @@ def fuse_projections(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     external = [init for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
-    if not external:
-        model = onnx.load(str(path))
+    if not external:  # every weight is already in the proto just loaded
         fused = fuse_sibling_matmuls(model)
         if fused:
             onnx.save(model, str(path))

@@ -212,6 +212,10 @@ def _tensor_scatter(
     return nodes, inits
 
 
+#: Rewrites for ops without an ONNX function body; every other DECOMPOSABLE op expands its function body.
+HAND_WRITTEN = {"TensorScatter": _tensor_scatter}
+
+
 def _fold_shape_constants(model: onnx.ModelProto) -> None:
     """Fold Size/Shape of statically shaped tensors and integer arithmetic on constants into initializers, so
     reduction axes computed in a function body (RMSNormalization's Range over the rank) become initializers."""
@@ -285,13 +289,14 @@ def decompose(source: Path, target: Path, ops: list[str]) -> list[str]:
     types = _value_types(model)
     nodes, done = [], set()
     for index, node in enumerate(model.graph.node):
-        if node.op_type == "TensorScatter" and node.op_type in ops and node.domain in ("", "ai.onnx"):
-            scatter_nodes, initializers = _tensor_scatter(node, types, index)
-            nodes.extend(scatter_nodes)
-            model.graph.initializer.extend(initializers)
-            done.add(node.op_type)
-        elif node.op_type in ops and node.domain in ("", "ai.onnx"):
-            nodes.extend(_expand(node, types, opset, index))
+        if node.op_type in ops and node.domain in ("", "ai.onnx"):
+            rewrite = HAND_WRITTEN.get(node.op_type)
+            if rewrite is None:
+                nodes.extend(_expand(node, types, opset, index))
+            else:
+                new_nodes, initializers = rewrite(node, types, index)
+                nodes.extend(new_nodes)
+                model.graph.initializer.extend(initializers)
             done.add(node.op_type)
         else:
             nodes.append(node)

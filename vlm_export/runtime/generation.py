@@ -116,11 +116,7 @@ class Generator:
         pad_id = settings.resolved_pad_token_id
         if pad_id is None:
             pad_id = 0
-        input_ids = np.full((batch, longest), pad_id, dtype=np.int64)
-        attention_mask = np.zeros((batch, longest), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = prompt
-            attention_mask[row, longest - len(prompt) :] = 1
+        input_ids, attention_mask = left_pad(prompts, pad_id)
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -176,6 +172,17 @@ class Generator:
             prompt_tokens=[len(p) for p in prompts],
             timings=timings,
         )
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as one left-padded [B, longest] id matrix and its attention mask, as transformers batches them."""
+    longest = max(len(p) for p in prompts)
+    input_ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(prompts), longest), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt) :] = prompt
+        attention_mask[row, longest - len(prompt) :] = 1
+    return input_ids, attention_mask
 
 
 class CachedDecoding:
