@@ -21,8 +21,6 @@ from vlm_export.manifest import GraphInfo, TensorInfo
 logger = logging.getLogger(__name__)
 
 OPSET = 23
-# Protobuf cannot hold more than 2 GiB; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 _ONNX_TYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -32,18 +30,6 @@ _ONNX_TYPES = {
     onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
 }
-
-
-def _parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes of weights; views sharing a storage (e.g. re-laid MoE experts, tied embeddings) count once."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
 
 
 def _describe(values: list[onnx.ValueInfoProto], axes: dict[str, dict[int, str]]) -> list[TensorInfo]:
@@ -213,9 +199,12 @@ def _external_field(tensor: onnx.TensorProto, key: str) -> str | None:
 
 
 def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
-    """Export `spec` to `folder/<name>.onnx` (weights external above ~2 GB) and return its IO description."""
+    """Export `spec` to `folder/<name>.onnx` and return its IO description.
+
+    Weights always go to `<name>.onnx.data` beside the graph: protobuf cannot hold 2 GiB, and ONNX Runtime
+    memory-maps external weights, so a weight it never packs (the embedding table, read row by row by Gather)
+    costs resident memory only for the rows a request touches."""
     path = folder / f"{spec.name}.onnx"
-    external = _parameter_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
     captured = io.StringIO()
     try:
         with (
@@ -237,7 +226,7 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
                 dynamic_shapes=spec.dynamic_shapes,
                 verbose=False,
             )
-            program.save(path, external_data=external)
+            program.save(path, external_data=True)
         if spec.opset and spec.opset > OPSET:
             promote_ops(path, spec.opset)
         fuse_projections(path)

@@ -214,7 +214,8 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
 
 
 def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQuantization:
-    """Quantize the graph file ``source`` into ``target`` (external data beside it when over ~1.8 GB)."""
+    """Quantize the graph file ``source`` into ``target``, weights in ``<target>.data`` beside it (memory-mapped by
+    ONNX Runtime, like the float32 export's)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -257,11 +258,10 @@ def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQ
         )
     result.bytes_after = _initializer_bytes(model.graph)
     target.parent.mkdir(parents=True, exist_ok=True)
-    external = result.bytes_after > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(
         model,
         str(target),
-        save_as_external_data=external,
+        save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=target.name + ".data",
         size_threshold=1024,

@@ -85,7 +85,10 @@ class VLMPipeline:
         self.chat_template = (folder / manifest.files["chat_template"]).read_text(encoding="utf-8")
         self.generation_config = self._read_json(manifest.files.get("generation_config"))
         self.family = runtime_family_for(manifest, folder)
-        sessions = {name: self.backend.load(folder / info.file, info) for name, info in manifest.graphs.items()}
+        # The decoder loads first: while ONNX Runtime pre-packs its weights it briefly holds the largest matrix
+        # (lm_head) twice, and with the vision encoder already loaded that moment was the process's peak memory.
+        order = sorted(manifest.graphs.items(), key=lambda item: item[0] != "decoder")
+        sessions = {name: self.backend.load(folder / info.file, info) for name, info in order}
         self.generator = Generator(manifest, sessions, self.family)
         self.token_text = {}
         for kind in ("image", "video"):
