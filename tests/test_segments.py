@@ -33,7 +33,9 @@ def test_segment_attention_equals_loop(lengths):
     q, k, v = (torch.randn(total, heads, dim, generator=generator) for _ in range(3))
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     index, position = segment_layout(cu)
-    got = segment_attention(q, k, v, torch.from_numpy(index), torch.from_numpy(position), dim**-0.5)
+    packed = (t.flatten(1) for t in (q, k, v))  # [N, heads * head_dim], as the vision blocks call it
+    got = segment_attention(*packed, torch.from_numpy(index), torch.from_numpy(position), dim**-0.5, heads)
+    got = got.unflatten(1, (heads, dim))
     expected = []
     for start, end in itertools.pairwise(cu):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))

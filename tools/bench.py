@@ -35,7 +35,7 @@ Quantized exports (`vlm-export --quantize int4`, or --export --quantize int4 her
 other: pass the float32 export as --baseline-onnx and add the sides ``baseline`` (our runtime on it, a third
 column) and ``agreement`` (teacher-forced top-1 / top-5 agreement of onnx_dir with the baseline over
 --new-tokens positions, text and 1-image prompts; see vlm_export/exporter/agreement.py). Its roofline counts
-the decoder graph's bytes as stored (int4 at ~0.56 bytes per weight with block 32 scales and zero points).
+the decoder graph's bytes as stored (int4 at ~0.52 bytes per weight with block 128 scales and zero points).
 With other processes on the machine, use --rounds N: the sides run interleaved N times and each measurement
 is the median of the rounds' medians.
 
@@ -551,6 +551,8 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
+    from vlm_export.exporter.quantize import DEFAULT_BLOCK_SIZE
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
@@ -567,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="with --export: quantize as `vlm-export --quantize` does (default none)",
     )
-    parser.add_argument("--quant-block-size", type=int, default=32, help="with --quantize (default 32)")
+    parser.add_argument(
+        "--quant-block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"with --quantize (default {DEFAULT_BLOCK_SIZE})",
+    )
     parser.add_argument("--quant-accuracy-level", type=int, default=4, help="with --quantize (default 4)")
     parser.add_argument(
         "--quant-graphs", default="decoder,embedding", help="with --quantize (default decoder,embedding)"

@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant-block-size",
         type=int,
         default=DEFAULT_BLOCK_SIZE,
-        help=f"weights per scale/zero point, a power of two >= 16 (default {DEFAULT_BLOCK_SIZE}; larger is "
-        "smaller and faster, less accurate)",
+        help=f"weights per scale/zero point, a power of two >= 16 (default {DEFAULT_BLOCK_SIZE}, the group size of "
+        "GPTQ/AWQ checkpoints; 32, llama.cpp q4_0's, rounds less but runs slower)",
     )
     parser.add_argument(
         "--quant-accuracy-level",

@@ -18,11 +18,11 @@ from torch import nn
 
 
 def gather_segments(rows: torch.Tensor, segment_index: torch.Tensor) -> torch.Tensor:
-    """`rows` [N, ...] -> [num_segments, max_len, ...]; entries equal to N read a zero row."""
-    pad = rows.new_zeros((1, *rows.shape[1:]))
-    table = torch.cat([rows, pad], dim=0)
-    gathered = table.index_select(0, segment_index.reshape(-1))
-    return gathered.reshape(*segment_index.shape, *rows.shape[1:])
+    """`rows` [N, ...] -> [num_segments, max_len, ...]; padding entries (equal to N) read row 0 instead, which the
+    caller masks out (keys) or never scatters back (queries). No zero row is appended: that was a copy of every
+    row per tensor per layer."""
+    index = torch.where(segment_index < rows.shape[0], segment_index, 0).reshape(-1)
+    return rows.index_select(0, index).reshape(*segment_index.shape, *rows.shape[1:])
 
 
 def scatter_segments(padded: torch.Tensor, row_position: torch.Tensor) -> torch.Tensor:
@@ -38,26 +38,55 @@ def segment_attention(
     segment_index: torch.Tensor,
     row_position: torch.Tensor,
     scaling: float,
+    num_heads: int,
 ) -> torch.Tensor:
     """Bidirectional attention restricted to each segment.
 
-    query/key/value: [N, heads, head_dim]; segment_index: int64 [num_segments, max_len] (N marks padding);
-    row_position: int64 [N], the flat slot of each row in the padded table. Returns [N, heads, head_dim].
+    query/key/value: [N, heads * head_dim]; segment_index: int64 [num_segments, max_len] (N marks padding);
+    row_position: int64 [N], the flat slot of each row in the padded table. Returns [N, heads * head_dim].
+    While tracing, ONNX `Attention` takes the heads-packed [S, L, heads * head_dim] layout directly: no transposes
+    in the graph (there were four per layer, each a copy of every row).
     """
     num_rows = query.shape[0]
-    q = gather_segments(query, segment_index).transpose(1, 2)  # [S, heads, L, hd]
-    k = gather_segments(key, segment_index).transpose(1, 2)
-    v = gather_segments(value, segment_index).transpose(1, 2)
+    q, k, v = (gather_segments(t, segment_index) for t in (query, key, value))  # [S, L, hidden]
     valid = segment_index < num_rows  # [S, L]
     min_value = torch.finfo(q.dtype).min
     bias = torch.where(valid, 0.0, min_value).to(q.dtype)[:, None, None, :]
     # ONNX Runtime's Attention op does not broadcast the mask over query positions: [S, 1, L, L].
-    bias = bias.expand(-1, -1, q.shape[2], -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
-    return scatter_segments(out.transpose(1, 2), row_position)
+    bias = bias.expand(-1, -1, q.shape[1], -1)
+    if torch.onnx.is_in_onnx_export():
+        out = torch.onnx.ops.attention(q, k, v, bias, q_num_heads=num_heads, kv_num_heads=num_heads, scale=scaling)[0]
+    else:
+        heads = [t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*heads, attn_mask=bias, scale=scaling).transpose(1, 2).flatten(2)
+    return scatter_segments(out, row_position)
 
 
 RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def traceable_vision_rope(reference: RopeFn) -> RopeFn:
+    """transformers' vision RoPE (`q * cos + rotate_half(q) * sin` on [N, heads, head_dim], in float32), traced as
+    one ONNX `RotaryEmbedding` per tensor instead of twelve elementwise ops per layer.
+
+    Each row is a batch entry of one position ([N, heads, 1, head_dim] against cos/sin [N, 1, head_dim / 2]), so
+    no transpose is needed; the op takes the first half of cos/sin, which rotate-half RoPE duplicates over both
+    halves (the graph verification against transformers catches a model where it does not)."""
+
+    def rope(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.onnx.is_in_onnx_export():
+            return reference(q, k, cos, sin)
+        half = cos.shape[-1] // 2
+        cos_half, sin_half = cos[:, None, :half].float(), sin[:, None, :half].float()
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            return torch.onnx.ops.rotary_embedding(x.float().unsqueeze(2), cos_half, sin_half).squeeze(2).to(x.dtype)
+
+        return rotate(q), rotate(k)
+
+    return rope
 
 
 def vision_block_with_segments(
@@ -72,10 +101,11 @@ def vision_block_with_segments(
     """One pre-norm ViT block of the Qwen-VL families (norm1 -> qkv -> rope -> attention -> proj, norm2 -> mlp),
     using the block's own submodules, with attention restricted to the host-described segments."""
     attn = block.attn
-    num_rows = hidden.shape[0]
-    qkv = attn.qkv(block.norm1(hidden)).reshape(num_rows, 3, attn.num_heads, -1)
-    query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)
-    query, key = apply_rope(query, key, cos, sin)
-    out = segment_attention(query, key, value, segment_index, row_position, attn.scaling)
-    hidden = hidden + attn.proj(out.reshape(num_rows, -1))
+    heads = attn.num_heads
+    query, key, value = attn.qkv(block.norm1(hidden)).chunk(3, dim=-1)  # [N, hidden] each: one Split, no transpose
+    query, key = traceable_vision_rope(apply_rope)(
+        query.unflatten(-1, (heads, -1)), key.unflatten(-1, (heads, -1)), cos, sin
+    )
+    out = segment_attention(query.flatten(1), key.flatten(1), value, segment_index, row_position, attn.scaling, heads)
+    hidden = hidden + attn.proj(out)
     return hidden + block.mlp(block.norm2(hidden))

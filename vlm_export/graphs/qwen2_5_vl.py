@@ -21,6 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from vlm_export.graphs.attention import vision_block_with_segments
 from vlm_export.graphs.decoder import DecoderWithCache, decoder_spec
 from vlm_export.graphs.embedding import embedding_spec
+from vlm_export.graphs.patch_embed import patch_embed_as_linear
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.qwen2_vl.family import qwen2_5_vl_vision_feeds
 from vlm_export.runtime.families.qwen2_vl.preprocess import Qwen2VLImageConfig
@@ -67,7 +68,7 @@ class Qwen2_5_VisionEncoder(nn.Module):
         window_row_position: torch.Tensor,
     ) -> torch.Tensor:
         visual = self.visual
-        hidden = visual.patch_embed(pixel_values)
+        hidden = patch_embed_as_linear(visual.patch_embed, pixel_values)
         hidden = self._window_order(hidden, window_index)
         cos, sin = visual.rotary_pos_emb(hidden, position_ids)
         cos = self._window_order(cos, window_index)

@@ -29,6 +29,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 from vlm_export.graphs.attention import vision_block_with_segments
 from vlm_export.graphs.decoder import DecoderWithCache, ExtraDecoderInputs, decoder_spec
 from vlm_export.graphs.moe import apply_moe_form, moe_form
+from vlm_export.graphs.patch_embed import patch_embed_as_linear
 from vlm_export.graphs.qwen2_5_vl import Qwen2_5_VLGraphs
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.qwen3_vl.family import qwen3_vl_vision_feeds
@@ -54,7 +55,7 @@ class Qwen3VisionEncoder(nn.Module):
         row_position: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.visual
-        hidden = visual.patch_embed(pixel_values)
+        hidden = patch_embed_as_linear(visual.patch_embed, pixel_values)
         pos_embeds = (visual.pos_embed(interp_indices) * interp_weights[:, :, None]).sum(1)
         hidden = hidden + pos_embeds.to(hidden.dtype)
         cos, sin = visual.rotary_pos_emb(hidden, position_ids)
