@@ -79,6 +79,43 @@ def test_cache_is_updated_in_place(exported_qwen2_5_vl, io_binding):
     np.testing.assert_allclose(session.to_numpy(fresh[past[0]]), after, atol=1e-5)
 
 
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_cache_grows_by_doubling_with_the_same_tokens(exported_qwen2_5_vl, image, monkeypatch, io_binding):
+    """The cache starts with room for INITIAL_ROOM new tokens and doubles when full: a batch whose cache grows
+    three times gives the logits and tokens of one allocated for every new token up front."""
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.runtime.generation import CachedDecoding
+
+    pipe = VLMPipeline.from_pretrained(exported_qwen2_5_vl, backend="ort-cpu", io_binding=io_binding)
+    batch = [_conversation(image), [{"role": "user", "content": "Hello there"}]]
+    settings = pipe.settings(max_new_tokens=20, do_sample=False, eos_token_ids=[])
+
+    def run() -> tuple[list[np.ndarray], list[int]]:
+        prompts, visual = pipe.prepare(batch)
+        events = [e for e in pipe.generator.steps(prompts, visual, settings) if hasattr(e, "logits")]
+        return [e.logits for e in events], capacities
+
+    capacities: list[int] = []
+    grow = CachedDecoding._make_room
+
+    def spy(self, batch_size):
+        grow(self, batch_size)
+        capacities.append(self.capacity)
+
+    monkeypatch.setattr(CachedDecoding, "_make_room", spy)
+    want, full = run()
+    assert len(set(full)) == 1  # the default room: never grew for 20 tokens
+    capacities = []
+    monkeypatch.setattr(CachedDecoding, "INITIAL_ROOM", 3)
+    got, grown = run()
+    longest = grown[0] - 3
+    assert sorted(set(grown)) == [longest + 3, longest + 6, longest + 12, longest + 20]  # capped at prompt + 20
+    assert len(got) == len(want) == 20
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"step {step}")
+        assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
 def test_backend_names_and_unknown_backend():
     from vlm_export.errors import VLMExportError
 

@@ -1,9 +1,10 @@
 """The generation loop: vision -> embedding merge -> decoder prefill -> decode steps reusing the KV cache.
 
-Backend-agnostic: the KV cache is allocated once per call on the backend's device, with room for the prompt and
-every new token, and each decoder call updates it in place (the same buffer is its `past` input and its `present`
-output); only the last-position logits are copied to the host each step. Mirrors transformers' `generate()`:
-left padding, finished rows continue with the pad token, the attention mask grows by one column per step.
+Backend-agnostic: the KV cache is allocated per call on the backend's device, with room for the prompt and the
+first new tokens (doubled when full), and each decoder call updates it in place (the same buffer is its `past`
+input and its `present` output); only the last-position logits are copied to the host each step. Mirrors
+transformers' `generate()`: left padding, finished rows continue with the pad token, the attention mask grows by
+one column per step.
 """
 
 from __future__ import annotations
@@ -188,11 +189,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 class CachedDecoding:
     """One request's decoder state: the prefill at construction, then one `advance` per chosen token.
 
-    The KV cache is allocated here once, with room for the prompt and `max_new` tokens and no more (attention
-    spans the whole cache), and every decoder call updates it in place: each cache buffer is both the `past`
-    input and, through `into`, the `present` output. Shared by `Generator.steps` and the exporter's
-    teacher-forced agreement check, so both run exactly the same feeds.
+    Every decoder call updates the KV cache in place: each cache buffer is both the `past` input and, through
+    `into`, the `present` output. Attention spans the cache's whole capacity (ONNX Runtime's CPU kernel costs
+    the same whatever the valid length), so the capacity follows the request: the prompt plus room for
+    `INITIAL_ROOM` new tokens, the room doubled each time it fills, never past prompt + `max_new`. A request
+    asking for thousands of tokens that stops at EOS after a hundred neither allocates nor attends over the
+    rest. Shared by `Generator.steps` and the exporter's teacher-forced agreement check, so both run exactly the
+    same feeds.
     """
+
+    INITIAL_ROOM = 256
 
     def __init__(
         self,
@@ -206,7 +212,9 @@ class CachedDecoding:
         self.generator = generator
         self.embedding, self.decoder = generator.sessions["embedding"], generator.sessions["decoder"]
         batch, longest = input_ids.shape
-        shape = (batch, generator.kv_heads, longest + max(max_new, 1), generator.head_dim)
+        self.prompt_length, self.max_new = longest, max(max_new, 1)
+        self.capacity = longest + min(self.INITIAL_ROOM, self.max_new)
+        shape = self._cache_shape(batch)
         self.cache = {name: self.decoder.allocate(name, shape) for name in generator.past_names}
         self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
         self.no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
@@ -221,6 +229,19 @@ class CachedDecoding:
         feeds.update(generator.family.decoder_feeds(input_ids, vision_outputs))
         self._run(feeds)
 
+    def _cache_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, self.generator.kv_heads, self.capacity, self.generator.head_dim)
+
+    def _make_room(self, batch: int) -> None:
+        """Double the room for new tokens (up to max_new) once the next position would not fit."""
+        if self.attention_mask.shape[1] <= self.capacity:
+            return
+        room = self.capacity - self.prompt_length
+        self.capacity = self.prompt_length + min(2 * room, self.max_new)
+        shape = self._cache_shape(batch)
+        self.cache = {name: self.decoder.grow(buffer, shape) for name, buffer in self.cache.items()}
+        self.into = dict(zip(self.generator.present_names, self.cache.values(), strict=True))
+
     def _run(self, feeds: dict[str, Any]) -> None:
         feeds.update(self.cache)
         self.outputs = self.decoder.run(feeds, into=self.into)
@@ -234,6 +255,7 @@ class CachedDecoding:
         batch = tokens.shape[0]
         tokens = tokens.reshape(batch, 1).astype(np.int64, copy=False)
         self.attention_mask = np.concatenate([self.attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        self._make_room(batch)
         family = self.generator.family
         embeds = self.embedding.run({"input_ids": tokens, "visual_embeds": self.no_visual})["inputs_embeds"]
         feeds: dict[str, Any] = {

@@ -33,6 +33,11 @@ class GraphSession(Protocol):
         whose engine fixes an axis may return a larger buffer along it (the graph reads shapes from its inputs)."""
         ...
 
+    def grow(self, buffer: Any, shape: tuple[int, ...]) -> Any:
+        """An `allocate`d buffer enlarged to `shape`: its contents at the same indices, zeros after. A buffer that
+        is already at least that large (an engine's fixed cache capacity) comes back as it is."""
+        ...
+
     def to_numpy(self, value: Any) -> np.ndarray:
         """Copy one value to a host numpy array."""
         ...

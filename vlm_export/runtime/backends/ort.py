@@ -109,6 +109,14 @@ class OrtSession:
         zeros = np.zeros(shape, dtype=dtype)  # finite: masked slots still enter attention's weighted sum as 0 * x
         return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self.device_id)
 
+    def grow(self, buffer: ort.OrtValue, shape: tuple[int, ...]) -> ort.OrtValue:
+        old = buffer.numpy()  # a host copy also on CUDA: growing is rare (the room doubles) and small beside a step
+        if all(have >= want for have, want in zip(old.shape, shape, strict=True)):
+            return buffer
+        grown = np.zeros(shape, dtype=old.dtype)
+        grown[tuple(slice(0, n) for n in old.shape)] = old
+        return ort.OrtValue.ortvalue_from_numpy(grown, self.device, self.device_id)
+
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, ort.OrtValue):
             return value.numpy()

@@ -302,6 +302,15 @@ class TrtSession:
             cuda.wrapper().memcpy(dst, src, nbytes, cuda.MemcpyKind.DeviceToDevice, self.backend.stream.ptr)
         return outputs
 
+    def grow(self, buffer: GpuTensor, shape: tuple[int, ...]) -> GpuTensor:
+        """Cache buffers are allocated at the engine's fixed capacity (max-seq-len), which every request fits."""
+        if all(have >= want for have, want in zip(buffer.shape, shape, strict=True)):
+            return buffer
+        raise BackendError(
+            f"{self.name}: a {buffer.shape} buffer cannot grow to {shape}: the engine fixes its size; rebuild the "
+            "engines with a larger --max-seq-len"
+        )
+
     def to_numpy(self, value: Any) -> np.ndarray:
         if not isinstance(value, GpuTensor):
             return np.asarray(value)
