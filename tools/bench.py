@@ -35,7 +35,7 @@ Quantized exports (`vlm-export --quantize int4`, or --export --quantize int4 her
 other: pass the float32 export as --baseline-onnx and add the sides ``baseline`` (our runtime on it, a third
 column) and ``agreement`` (teacher-forced top-1 / top-5 agreement of onnx_dir with the baseline over
 --new-tokens positions, text and 1-image prompts; see vlm_export/exporter/agreement.py). Its roofline counts
-the decoder graph's bytes as stored (int4 at ~0.52 bytes per weight with block 128 scales and zero points).
+the decoder graph's bytes as stored (int4 at ~0.64 bytes per weight with block 32 scales and zero points).
 With other processes on the machine, use --rounds N: the sides run interleaved N times and each measurement
 is the median of the rounds' medians.
 
