@@ -130,3 +130,17 @@ def test_ort_cuda_without_onnxruntime_gpu_says_what_to_install():
 
     with pytest.raises(BackendError, match=r"needs onnxruntime-gpu.*pip uninstall -y onnxruntime"):
         create_backend("ort-cuda")
+
+
+def test_vision_encoder_loads_on_first_visual_request(exported_qwen2_5_vl, image):
+    """Decoder first (its pre-pack is the load-time peak), then embedding; the vision encoder only when a
+    request has an image, so text-only use never holds it."""
+    from vlm_export.runtime import VLMPipeline
+
+    pipe = VLMPipeline.from_pretrained(exported_qwen2_5_vl, backend="ort-cpu")
+    assert pipe.sessions.loaded == ["decoder", "embedding"]
+    assert "vision_encoder" in pipe.sessions and pipe.sessions.loaded == ["decoder", "embedding"]
+    pipe.generate([{"role": "user", "content": "Hello there"}], max_new_tokens=2)
+    assert pipe.sessions.loaded == ["decoder", "embedding"]
+    pipe.generate(_conversation(image), max_new_tokens=2)
+    assert pipe.sessions.loaded == ["decoder", "embedding", "vision_encoder"]

@@ -10,7 +10,7 @@ one column per step.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ class GenerationOutput:
 
 
 class Generator:
-    def __init__(self, manifest: Manifest, sessions: dict[str, GraphSession], family: RuntimeFamily):
+    def __init__(self, manifest: Manifest, sessions: Mapping[str, GraphSession], family: RuntimeFamily):
         self.manifest = manifest
         self.sessions = sessions
         self.family = family

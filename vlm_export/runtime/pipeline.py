@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from vlm_export.errors import InputError, ManifestError
 from vlm_export.manifest import Manifest
 from vlm_export.runtime.backends import create_backend
+from vlm_export.runtime.backends.base import GraphSession
 from vlm_export.runtime.chat import render_chat
 from vlm_export.runtime.families import MediaItem, runtime_family_for
 from vlm_export.runtime.generation import GenerationOutput, Generator, StepEvent
@@ -74,6 +76,33 @@ def _media_items(conversation: Conversation) -> list[MediaItem]:
     return items
 
 
+class LazySessions(Mapping[str, GraphSession]):
+    """Graph sessions by name, each loaded by its loader on first access and kept."""
+
+    def __init__(self, loaders: dict[str, Callable[[], GraphSession]]):
+        self._loaders = loaders
+        self._loaded: dict[str, GraphSession] = {}
+
+    def __getitem__(self, name: str) -> GraphSession:
+        if name not in self._loaded:
+            self._loaded[name] = self._loaders[name]()  # KeyError for a graph the export does not have
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:  # without loading it
+        return name in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Names of the graphs loaded so far, in load order."""
+        return list(self._loaded)
+
+
 class VLMPipeline:
     """An exported model ready to generate. Build with `from_pretrained`."""
 
@@ -85,11 +114,18 @@ class VLMPipeline:
         self.chat_template = (folder / manifest.files["chat_template"]).read_text(encoding="utf-8")
         self.generation_config = self._read_json(manifest.files.get("generation_config"))
         self.family = runtime_family_for(manifest, folder)
+        self.sessions = LazySessions(
+            {
+                name: functools.partial(self.backend.load, folder / info.file, info)
+                for name, info in manifest.graphs.items()
+            }
+        )
         # The decoder loads first: while ONNX Runtime pre-packs its weights it briefly holds the largest matrix
         # (lm_head) twice, and with the vision encoder already loaded that moment was the process's peak memory.
-        order = sorted(manifest.graphs.items(), key=lambda item: item[0] != "decoder")
-        sessions = {name: self.backend.load(folder / info.file, info) for name, info in order}
-        self.generator = Generator(manifest, sessions, self.family)
+        # The vision encoder loads on the first request with an image or video: text-only use never holds it.
+        for name in ("decoder", "embedding"):
+            self.sessions[name]  # loads it now
+        self.generator = Generator(manifest, self.sessions, self.family)
         self.token_text = {}
         for kind in ("image", "video"):
             text = self.tokenizer.id_to_token(self.family.placeholder_token(kind))
