@@ -176,3 +176,17 @@ def test_bad_quantize_options_are_one_line_errors(tiny_qwen2_5_vl_dir, tmp_path,
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_dynamic_int8_keeps_the_quantizers_chatter_out_of_the_log(exported_qwen2_5_vl, tmp_path, caplog):
+    """onnxruntime's quantize_dynamic logs one INFO line per activation on the root logger (130 for a 0.5B-class
+    ViT); the export's log keeps only our one-line summary."""
+    import logging
+
+    from vlm_export.exporter.quantize import quantize_graph_dynamic_int8
+
+    with caplog.at_level(logging.INFO):
+        quantize_graph_dynamic_int8(exported_qwen2_5_vl / "vision_encoder.onnx", tmp_path / "vision_encoder.onnx")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "Quantization parameters" in m]
+    assert any("MatMulInteger (int8 weights and activations)" in m for m in messages)
