@@ -190,3 +190,4 @@ def test_dynamic_int8_keeps_the_quantizers_chatter_out_of_the_log(exported_qwen2
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "Quantization parameters" in m]
     assert any("MatMulInteger (int8 weights and activations)" in m for m in messages)
+    assert (tmp_path / "vision_encoder.onnx.data").is_file()  # weights external, memory-mapped like the rest

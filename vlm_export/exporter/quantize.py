@@ -44,8 +44,6 @@ DEFAULT_GRAPHS = ("decoder", "embedding")
 QUANTIZABLE_GRAPHS = ("vision_encoder", "embedding", "decoder")
 #: Graphs quantized with int8 weights and activations (dynamic quantization) rather than weight-only: see above.
 DYNAMIC_INT8_GRAPHS = ("vision_encoder",)
-#: Protobuf cannot hold more than 2 GiB; the same threshold as onnx_export.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: Smallest weight (elements) worth a quantized kernel: tiny projections stay fp32.
 MIN_WEIGHT_ELEMENTS = 1024
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -325,7 +323,7 @@ def quantize_graph_dynamic_int8(source: Path, target: Path) -> GraphQuantization
                 weight_type=QuantType.QInt8,
                 per_channel=False,
                 extra_options={"MatMulConstBOnly": True},
-                use_external_data_format=result.bytes_before / 4 > EXTERNAL_DATA_THRESHOLD,
+                use_external_data_format=True,  # memory-mapped on load, like every graph's weights
             )
         finally:
             root.removeFilter(hint)
