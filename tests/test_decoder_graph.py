@@ -74,3 +74,31 @@ def test_rope_is_one_op_per_tensor(family: str, request: pytest.FixtureRequest) 
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("RotaryEmbedding") == 2 * int(text["num_layers"])
     assert "Neg" not in ops
+
+
+def test_large_lm_head_is_exported_in_vocabulary_slices(tmp_path: Path, monkeypatch, tiny_qwen2_5_vl_dir) -> None:
+    """An lm_head above LM_HEAD_SLICE_BYTES becomes MatMuls over vocabulary slices + one Concat (ONNX Runtime's
+    load-time pre-pack then never doubles one huge matrix), projection fusion leaves them apart, and the graph
+    still matches transformers."""
+    import torch
+
+    import vlm_export.graphs.decoder as decoder
+    from vlm_export.exporter.onnx_export import export_graph
+    from vlm_export.exporter.verify import verify_graph
+    from vlm_export.graphs.registry import graph_family_for
+
+    family = graph_family_for("qwen2_5_vl")
+    model = family.load_model(tiny_qwen2_5_vl_dir, torch.float32)
+    lm_head_bytes = model.lm_head.weight.numel() * 4  # 151,936 x 64 float32
+    monkeypatch.setattr(decoder, "LM_HEAD_SLICE_BYTES", lm_head_bytes // 3 + 1)  # three slices, the last shorter
+    spec = next(s for s in family.graph_specs(model, torch.float32) if s.name == "decoder")
+    info = export_graph(spec, tmp_path)
+    graph = onnx.load(str(tmp_path / info.file), load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    concat = producers[producers["logits"].input[0]] if producers["logits"].op_type != "Concat" else producers["logits"]
+    assert concat.op_type == "Concat"
+    sources = [producers[name] for name in concat.input]
+    assert [node.op_type for node in sources] == ["MatMul"] * 3
+    sizes = {init.name: list(init.dims) for init in graph.initializer}
+    assert sum(sizes[node.input[1]][1] for node in sources) == model.lm_head.weight.shape[0]
+    assert verify_graph(spec, tmp_path / info.file) < 1e-4

@@ -90,7 +90,8 @@ def test_graph_with_external_weights_is_rewritten_tensor_by_tensor(tmp_path):
         helper.make_node("Add", ["q_mm", "bq"], ["q"]),
         helper.make_node("MatMul", ["x", "wk"], ["k_mm"]),
         helper.make_node("Add", ["k_mm", "bk"], ["k"]),
-        helper.make_node("Concat", ["q", "k"], ["qk"], axis=-1),
+        helper.make_node("Relu", ["q"], ["q_act"]),  # (MatMuls feeding one Concat directly stay apart on purpose)
+        helper.make_node("Concat", ["q_act", "k"], ["qk"], axis=-1),
         helper.make_node("MatMul", ["qk", "wo"], ["y"]),  # a single MatMul: its weight is copied as is
     ]
     model = _model(nodes, inits, ["y"])
@@ -105,3 +106,17 @@ def test_graph_with_external_weights_is_rewritten_tensor_by_tensor(tmp_path):
     assert {e.value for i in fused.graph.initializer for e in i.external_data if e.key == "location"} == {"g.onnx.data"}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, feeds)[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_matmuls_feeding_one_concat_stay_apart():
+    """Vocabulary slices of an lm_head (graphs.decoder.VocabSlicedLinear) read the same activation, but were split
+    on purpose: fusing them would rebuild the one huge matrix."""
+    inits = [_init("w0", 8, 6), _init("w1", 8, 6)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["l0"]),
+        helper.make_node("MatMul", ["x", "w1"], ["l1"]),
+        helper.make_node("Concat", ["l0", "l1"], ["y"], axis=-1),
+    ]
+    model = _model(nodes, inits, ["y"])
+    assert fuse_sibling_matmuls(model) == 0
+    assert _count(model, "MatMul") == 2

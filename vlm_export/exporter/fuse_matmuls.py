@@ -53,6 +53,17 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def _feed_one_concat(members: list[_Member], readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """True when every member's output is read only by one and the same Concat node."""
+    concats = set()
+    for member in members:
+        after = readers[member.output]
+        if len(after) != 1 or after[0].op_type != "Concat":
+            return False
+        concats.add(id(after[0]))
+    return len(concats) == 1
+
+
 Load = Callable[[onnx.TensorProto], np.ndarray]
 Store = Callable[[np.ndarray, str], onnx.TensorProto]
 
@@ -88,6 +99,8 @@ def fuse_sibling_matmuls(
         if len(members) < 2 or len({m.weight.data_type for m in members}) != 1:
             continue
         if len({m.weight.dims[0] for m in members}) != 1:
+            continue
+        if _feed_one_concat(members, readers):  # split on purpose (graphs.decoder.VocabSlicedLinear)
             continue
         with_bias = all(m.bias is not None for m in members)
         prefix = f"{members[0].matmul.name or members[0].matmul.output[0]}_fused{fused}"

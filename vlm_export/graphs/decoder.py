@@ -96,6 +96,45 @@ def additive_causal_mask(
 
 LayerHook = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
+#: Largest piece of the lm_head in the graph. ONNX Runtime pre-packs a MatMul weight next to its original, so
+#: loading the decoder briefly needs its weights plus its largest matrix: a 151,936-row lm_head in one piece is
+#: 0.5-1.2 GB on the Qwen models, and was the load-time (and Qwen3-VL-2B's overall) peak of resident memory.
+LM_HEAD_SLICE_BYTES = 256 << 20
+
+
+class VocabSlicedLinear(nn.Module):
+    """`linear` as MatMuls over vocabulary slices of at most `slice_bytes` of weights, concatenated.
+
+    The slices are views of the (often tied) weight, so exporting costs no copy; each becomes its own initializer,
+    and `fuse_matmuls` leaves MatMuls that feed one Concat apart."""
+
+    def __init__(self, linear: nn.Linear, slice_bytes: int):
+        super().__init__()
+        weight = linear.weight.detach()
+        pieces = -(-weight.numel() * weight.element_size() // slice_bytes)
+        rows = -(-weight.shape[0] // pieces)
+        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weight.split(rows))
+        bias = linear.bias
+        self.biases = (
+            None
+            if bias is None
+            else nn.ParameterList(nn.Parameter(b, requires_grad=False) for b in bias.detach().split(rows))
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        biases = list(self.biases) if self.biases is not None else [None] * len(self.weights)
+        return torch.cat([F.linear(hidden, w, b) for w, b in zip(self.weights, biases, strict=True)], dim=-1)
+
+
+def sliced_lm_head(lm_head: nn.Module) -> nn.Module:
+    """`lm_head` cut into vocabulary slices when its weight exceeds LM_HEAD_SLICE_BYTES (see there)."""
+    if not isinstance(lm_head, nn.Linear):
+        return lm_head
+    weight = lm_head.weight
+    if weight.numel() * weight.element_size() <= LM_HEAD_SLICE_BYTES:
+        return lm_head
+    return VocabSlicedLinear(lm_head, LM_HEAD_SLICE_BYTES)
+
 
 class DecoderWithCache(nn.Module):
     """Runs a transformers text model layer by layer with an explicit cache and returns last-token logits."""
@@ -103,7 +142,7 @@ class DecoderWithCache(nn.Module):
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, layer_hook: LayerHook | None = None):
         super().__init__()
         self.text_model = text_model
-        self.lm_head = lm_head
+        self.lm_head = sliced_lm_head(lm_head)
         self.layer_hook = layer_hook
 
     def forward(
