@@ -120,8 +120,8 @@ class VLMPipeline:
                 for name, info in manifest.graphs.items()
             }
         )
-        # The decoder loads first: while ONNX Runtime pre-packs its weights it briefly holds the largest matrix
-        # (lm_head) twice, and with the vision encoder already loaded that moment was the process's peak memory.
+        # The decoder loads first: while ONNX Runtime pre-packs a weight it briefly holds it twice, and with the
+        # vision encoder already loaded that moment was the process's peak memory.
         # The vision encoder loads on the first request with an image or video: text-only use never holds it.
         for name in ("decoder", "embedding"):
             self.sessions[name]  # loads it now

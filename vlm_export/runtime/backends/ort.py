@@ -110,9 +110,9 @@ class OrtSession:
         return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self.device_id)
 
     def grow(self, buffer: ort.OrtValue, shape: tuple[int, ...]) -> ort.OrtValue:
-        old = buffer.numpy()  # a host copy also on CUDA: growing is rare (the room doubles) and small beside a step
-        if all(have >= want for have, want in zip(old.shape, shape, strict=True)):
+        if all(have >= want for have, want in zip(buffer.shape(), shape, strict=True)):
             return buffer
+        old = buffer.numpy()  # a host copy also on CUDA: growing is rare (the room doubles) and small beside a step
         grown = np.zeros(shape, dtype=old.dtype)
         grown[tuple(slice(0, n) for n in old.shape)] = old
         return ort.OrtValue.ortvalue_from_numpy(grown, self.device, self.device_id)
