@@ -123,3 +123,21 @@ def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, reques
         expected = vl(input_ids=ids).logits
         got = text(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_child_peak_memory_excludes_the_parents(bench_peers, tmp_path):
+    """A benchmark child reports its own peak, not its parent's: Linux carries the parent's ru_maxrss across
+    fork + exec, which once made every peer's peak the 2.4 GiB the converting parent had held."""
+    np = pytest.importorskip("numpy")
+    import subprocess
+
+    held = np.ones(1 << 27, dtype=np.float32)  # 512 MiB touched in this (parent) process
+    code = (
+        "import sys, resource; sys.path.insert(0, sys.argv[1]); import bench_peers; "
+        "print(bench_peers._peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(TOOL.parent)], capture_output=True, text=True, check=True)
+    peak, inherited = map(float, out.stdout.split())
+    assert held.nbytes / 2**20 <= inherited  # the trap this guards against is real on this kernel
+    assert peak < 300, peak  # numpy + the tool's imports, far below the parent's 512 MiB

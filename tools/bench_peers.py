@@ -38,7 +38,7 @@ max_length, which masks EOS); median of --repeats timed runs after one warm-up):
                  first token). onnxruntime-genai batches the same prompt 4 times (batch_size=4);
                  llama.cpp decodes 4 sequences (seq_id 0..3) in one llama_batch per step.
   prefill        prompt tokens / time to the first token (the prompt's forward pass + one argmax), batch 1.
-  peak RSS       ru_maxrss of the child (model load included).
+  peak RSS       peak resident memory of the child (VmHWM, model load included; see bench.peak_rss_mib).
   cores busy     process CPU time / wall time of each timed run: clearly below --threads means another process
                  took the cores during that run (the machine was shared), so treat that figure as a floor.
 
@@ -305,7 +305,9 @@ def _cpu_s() -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    from bench import peak_rss_mib  # VmHWM: ru_maxrss would include this tool's own peak (see there)
+
+    return peak_rss_mib()
 
 
 def save_logits(args: argparse.Namespace, logits: np.ndarray) -> None:
