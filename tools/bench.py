@@ -31,7 +31,7 @@ of 5, read + write bytes) divided by the bytes one decode step must read: every 
 full lm_head, or the tied embedding matrix used as lm_head; only the looked-up embedding rows otherwise)
 plus the KV cache at the mean context length. ours/roofline is our fraction of that bound. A copy moves each
 byte twice, while decode only reads, so the report also gives the best read-only stream measured: ONNX Runtime's
-float32 GEMV over a 1 GB weight, the access pattern of a decode step at its most favourable, and each decode
+float32 GEMV over a 512 MB weight, the access pattern of a decode step at its most favourable, and each decode
 rate as a fraction of that.
 
 Quantized exports (`vlm-export --quantize int4`, or --export --quantize int4 here) are benchmarked like any
