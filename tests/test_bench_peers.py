@@ -126,7 +126,7 @@ def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, reques
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
-def test_child_peak_memory_excludes_the_parents(bench_peers, tmp_path):
+def test_child_peak_memory_excludes_the_parents(bench_peers):
     """A benchmark child reports its own peak, not its parent's: Linux carries the parent's ru_maxrss across
     fork + exec, which once made every peer's peak the 2.4 GiB the converting parent had held."""
     np = pytest.importorskip("numpy")
