@@ -81,8 +81,9 @@ def test_cache_is_updated_in_place(exported_qwen2_5_vl, io_binding):
 
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_cache_grows_by_doubling_with_the_same_tokens(exported_qwen2_5_vl, image, monkeypatch, io_binding):
-    """The cache starts with room for INITIAL_ROOM new tokens and doubles when full: a batch whose cache grows
-    three times gives the logits and tokens of one allocated for every new token up front."""
+    """The prefill's cache holds just the prompt; the first decode step grows it to room for INITIAL_ROOM new
+    tokens, which doubles when full: a batch whose cache grows four times gives the logits and tokens of one
+    grown once to room for every new token."""
     from vlm_export.runtime import VLMPipeline
     from vlm_export.runtime.generation import CachedDecoding
 
@@ -96,15 +97,20 @@ def test_cache_grows_by_doubling_with_the_same_tokens(exported_qwen2_5_vl, image
         return [e.logits for e in events], capacities
 
     capacities: list[int] = []
+    prefill_capacities: list[int] = []
     grow = CachedDecoding._make_room
 
     def spy(self, batch_size):
+        if self.attention_mask.shape[1] == self.prompt_length + 1:  # the first decode step
+            prefill_capacities.append(self.capacity)
         grow(self, batch_size)
         capacities.append(self.capacity)
 
     monkeypatch.setattr(CachedDecoding, "_make_room", spy)
     want, full = run()
-    assert len(set(full)) == 1  # the default room: never grew for 20 tokens
+    longest = full[0] - 20
+    assert prefill_capacities == [longest]  # the prefill attended over the prompt only
+    assert len(set(full)) == 1  # the default room: grown once, to prompt + 20
     capacities = []
     monkeypatch.setattr(CachedDecoding, "INITIAL_ROOM", 3)
     got, grown = run()

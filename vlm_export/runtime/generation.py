@@ -191,11 +191,12 @@ class CachedDecoding:
 
     Every decoder call updates the KV cache in place: each cache buffer is both the `past` input and, through
     `into`, the `present` output. Attention spans the cache's whole capacity (ONNX Runtime's CPU kernel costs
-    the same whatever the valid length), so the capacity follows the request: the prompt plus room for
-    `INITIAL_ROOM` new tokens, the room doubled each time it fills, never past prompt + `max_new`. A request
-    asking for thousands of tokens that stops at EOS after a hundred neither allocates nor attends over the
-    rest. Shared by `Generator.steps` and the exporter's teacher-forced agreement check, so both run exactly the
-    same feeds.
+    the same whatever the valid length), so the capacity follows the request. The prefill runs on a cache of
+    exactly the prompt's length: room there would only be attended over and masked away (~4% of a 64-token
+    int4 prefill). The first decode step grows it (one copy) to the prompt plus room for `INITIAL_ROOM` new
+    tokens, and the room doubles each time it fills, never past prompt + `max_new`. A request asking for
+    thousands of tokens that stops at EOS after a hundred neither allocates nor attends over the rest. Shared by
+    `Generator.steps` and the exporter's teacher-forced agreement check, so both run exactly the same feeds.
     """
 
     INITIAL_ROOM = 256
@@ -213,7 +214,7 @@ class CachedDecoding:
         self.embedding, self.decoder = generator.sessions["embedding"], generator.sessions["decoder"]
         batch, longest = input_ids.shape
         self.prompt_length, self.max_new = longest, max(max_new, 1)
-        self.capacity = longest + min(self.INITIAL_ROOM, self.max_new)
+        self.capacity = longest
         shape = self._cache_shape(batch)
         self.cache = {name: self.decoder.allocate(name, shape) for name in generator.past_names}
         self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
@@ -233,11 +234,12 @@ class CachedDecoding:
         return (batch, self.generator.kv_heads, self.capacity, self.generator.head_dim)
 
     def _make_room(self, batch: int) -> None:
-        """Double the room for new tokens (up to max_new) once the next position would not fit."""
+        """Make room for INITIAL_ROOM new tokens, or double it (up to max_new), once the next position would not
+        fit."""
         if self.attention_mask.shape[1] <= self.capacity:
             return
         room = self.capacity - self.prompt_length
-        self.capacity = self.prompt_length + min(2 * room, self.max_new)
+        self.capacity = self.prompt_length + min(max(2 * room, self.INITIAL_ROOM), self.max_new)
         shape = self._cache_shape(batch)
         self.cache = {name: self.decoder.grow(buffer, shape) for name, buffer in self.cache.items()}
         self.into = dict(zip(self.generator.present_names, self.cache.values(), strict=True))
