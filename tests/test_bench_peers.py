@@ -107,15 +107,23 @@ def test_compare_logits(bench_peers):
     assert other["relative_diff"] == pytest.approx(19 / reference.std())
 
 
-@pytest.mark.parametrize("layout", ["tiny_qwen2_5_vl_dir", "tiny_qwen2_5_vl_v5_dir"])
-def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, request, layout):
-    """The written Qwen2ForCausalLM gives the tiny Qwen2.5-VL's text logits (so the peers get the same weights),
-    from the hub layout (``model.*``, sharded) and the transformers 5 layout (``model.language_model.*``)."""
+@pytest.mark.parametrize(
+    ("layout", "architecture"),
+    [
+        ("tiny_qwen2_5_vl_dir", "Qwen2ForCausalLM"),
+        ("tiny_qwen2_5_vl_v5_dir", "Qwen2ForCausalLM"),
+        ("tiny_qwen3_vl_dir", "Qwen3ForCausalLM"),
+    ],
+)
+def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, request, layout, architecture):
+    """The written text-only checkpoint gives the tiny VL model's text logits (so the peers get the same weights),
+    from the hub layout (``model.*``, sharded), the transformers 5 layout (``model.language_model.*``) and
+    Qwen3-VL (per-head q/k norms, head_dim apart from hidden_size / heads, interleaved M-RoPE)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     vl_dir = request.getfixturevalue(layout)
     text_dir = bench_peers.write_text_checkpoint(vl_dir, tmp_path / "text")
-    assert json.loads((text_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert json.loads((text_dir / "config.json").read_text())["architectures"] == [architecture]
     vl = transformers.AutoModelForImageTextToText.from_pretrained(vl_dir, dtype=torch.float32).eval()
     text = transformers.AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 5, 17, 99, 250, 3, 42, 7]])

@@ -13,7 +13,8 @@
 
 (or ``pip install -e .[bench]`` for the same pins; llama-cpp-python compiles for ~15 min on 2 cores;
 onnxruntime-genai 0.18 uses the installed onnxruntime >= 1.31). The peers run only the language model, so
-the text part of the Qwen2.5-VL checkpoint is first written as a plain ``Qwen2ForCausalLM`` checkpoint
+the text part of the Qwen2.5-VL (Qwen3-VL) checkpoint is first written as a plain ``Qwen2ForCausalLM``
+(``Qwen3ForCausalLM``) checkpoint
 (config from the text config, ``model.language_model.*`` / ``model.*`` tensors as ``model.*``, tied
 embeddings kept tied; the vision tower is dropped) and each peer converts that same checkpoint with its
 own tools:
@@ -43,7 +44,7 @@ max_length, which masks EOS); median of --repeats timed runs after one warm-up):
                  took the cores during that run (the machine was shared), so treat that figure as a floor.
 
 Sanity check: a transformers child generates --check-tokens greedy tokens on the same prompt ids with the
-Qwen2ForCausalLM checkpoint written here and with the original Qwen2.5-VL checkpoint (they must agree), and
+text-only checkpoint written here and with the original VL checkpoint (they must agree), and
 keeps the text checkpoint's next-token logits after the prompt. The table reports how many of the first
 --check-tokens greedy tokens of each peer agree with it, and the peer's next-token logits against it (max |diff|
 over the reference's std, and how many of the top-10 ids they share). fp32 must agree (it proves the conversion
@@ -93,8 +94,9 @@ REQUIREMENTS = {
 }
 #: precision -> llama.cpp file type (names of convert_hf_to_gguf --outtype / LLAMA_FTYPE_MOSTLY_*)
 LLAMA_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
-#: VL model_type -> (architecture, model_type) of the text-only checkpoint the peers convert
-TEXT_MODELS = {"qwen2_5_vl": ("Qwen2ForCausalLM", "qwen2")}
+#: VL model_type -> (architecture, model_type) of the text-only checkpoint the peers convert. Qwen3-VL's text
+#: model is Qwen3 (per-head q/k RMSNorm); its interleaved M-RoPE is plain RoPE on text, like Qwen2.5-VL's.
+TEXT_MODELS = {"qwen2_5_vl": ("Qwen2ForCausalLM", "qwen2"), "qwen3_vl": ("Qwen3ForCausalLM", "qwen3")}
 #: text-config keys copied to the text-only config as they are
 TEXT_KEYS = (
     "vocab_size",
@@ -103,6 +105,8 @@ TEXT_KEYS = (
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
+    "head_dim",
+    "attention_bias",
     "hidden_act",
     "max_position_embeddings",
     "rms_norm_eps",
@@ -157,7 +161,7 @@ def text_tensor_name(name: str) -> str | None:
         return "model." + name[len("model.language_model.") :]
     if name.startswith("model.") or name == "lm_head.weight":
         return name
-    raise PeerError(f"unexpected tensor {name!r} in the checkpoint: not a Qwen2.5-VL text or vision weight")
+    raise PeerError(f"unexpected tensor {name!r} in the checkpoint: not a Qwen-VL text or vision weight")
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
@@ -603,7 +607,7 @@ def print_report(report: dict[str, Any]) -> None:
     if reference:
         same = leading_agreement(reference["text_tokens"], reference["vl_tokens"])
         print(
-            f"reference (transformers {reference['transformers_version']}): text-only checkpoint vs Qwen2.5-VL "
+            f"reference (transformers {reference['transformers_version']}): text-only checkpoint vs VL "
             f"checkpoint greedy tokens agree for {same} of {len(reference['vl_tokens'])}"
         )
         print("logits: each peer's next-token logits after the prompt vs the text-only checkpoint's (max |diff| / std)")
@@ -646,7 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model_dir", type=Path, nargs="?", help="Hugging Face Qwen2.5-VL folder (tools/make_model.py)")
+    parser.add_argument(
+        "model_dir", type=Path, nargs="?", help="Hugging Face Qwen2.5-VL or Qwen3-VL folder (tools/make_model.py)"
+    )
     parser.add_argument("--work", type=Path, help="folder for the converted models (cached) and the results")
     parser.add_argument("--peers", default="ortgenai,llamacpp", help="comma-separated: ortgenai, llamacpp")
     parser.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated: fp32, int8, int4")
