@@ -84,7 +84,8 @@ FILLER = (
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _cpu_s() -> float:
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process so far: over wall time, how many cores a run kept busy."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -98,9 +99,9 @@ def _median_runs(fn: Callable[[], float], repeats: int) -> dict[str, Any]:
     fn()
     values, busy = [], []
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), _cpu_s()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         values.append(fn())
-        busy.append((_cpu_s() - cpu) / (time.perf_counter() - wall))
+        busy.append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
     return {"median": statistics.median(values), "runs": values, "cores_busy": busy}
 
 

@@ -64,7 +64,6 @@ import ctypes
 import importlib.util
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -303,11 +302,6 @@ def convert_llama(text_dir: Path, work: Path, precision: str, src: Path, threads
 
 
 # ----------------------------------------------------------------------------------------------- children
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _peak_rss_mib() -> float:
     from bench import peak_rss_mib  # VmHWM: ru_maxrss would include this tool's own peak (see there)
 
@@ -337,15 +331,17 @@ Run = tuple[float, list[float], list[int]]
 
 def measure(generate: Callable[[int, int], Run], prompt_len: int, args: argparse.Namespace) -> dict[str, Any]:
     """Prefill and decode figures from ``generate(batch, new_tokens)`` (warm-up, then median of --repeats)."""
+    from bench import cpu_seconds
+
     result: dict[str, Any] = {}
     batches = [1, 4] if args.batch4 else [1]
     for batch in batches:
         generate(batch, args.new_tokens)  # warm-up
         rates, prefill, busy, tokens = [], [], [], []
         for _ in range(args.repeats):
-            wall, cpu = time.perf_counter(), _cpu_s()
+            wall, cpu = time.perf_counter(), cpu_seconds()
             start, times, tokens = generate(batch, args.new_tokens)
-            busy.append((_cpu_s() - cpu) / (time.perf_counter() - wall))
+            busy.append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
             assert len(times) == args.new_tokens, f"{len(times)} tokens, not {args.new_tokens}"
             rates.append(step_rate(times, batch))
             prefill.append(prompt_len * batch / (times[0] - start))
