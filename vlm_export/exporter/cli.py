@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ACCURACY_LEVEL,
         metavar="{0,1,2,3,4}",
         help=f"MatMulNBits compute type (default {DEFAULT_ACCURACY_LEVEL}): 4 = int8 dot products on "
-        "block-quantized activations (fastest on x86/ARM CPUs), 1 = float32 (dequantize weights first), 0 = "
-        "unset (kernel's choice)",
+        "block-quantized activations (fastest on x86/ARM CPUs), 1 = float32 (dequantize weights first; more "
+        "exact, so try it when the reported agreement is poor), 0 = unset (kernel's choice)",
     )
     parser.add_argument(
         "--quant-graphs",
