@@ -1,4 +1,5 @@
-"""The exported decoders attend with grouped K/V heads natively: no `repeat_kv` copy of the cache per step."""
+"""The exported decoders attend with grouped K/V heads natively: no `repeat_kv` copy of the cache per step, and
+each group's query heads stacked as rows of one attention over their K/V head."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ def test_attention_reads_the_cache_with_kv_heads(family: str, request: pytest.Fi
     attention = [node for node in model.graph.node if node.op_type == "Attention"]
     assert len(attention) == int(text["num_layers"])
     for node in attention:
-        query, key, value = (shapes[name] for name in node.input[:3])
-        # the tiny models have 2 query heads per K/V head: a repeat_kv copy would give key[1] == query[1]
-        assert query[1] == 2 * kv_heads, (node.name, query)
+        query, key, value, mask = (shapes[name] for name in node.input[:4])
+        # the tiny models have 2 query heads per K/V head: a repeat_kv copy would give key[1] == 2 * kv_heads,
+        # and attention per query head would give query [batch, 2 * kv_heads, sequence, head_dim]
         assert key[1] == kv_heads and value[1] == kv_heads, (node.name, query, key, value)
+        assert query[1] == kv_heads and query[2] == "2*sequence", (node.name, query)
+        assert mask[1:3] == [1, "2*sequence"], (node.name, mask)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

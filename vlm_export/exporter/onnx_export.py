@@ -71,6 +71,47 @@ def native_gqa_attention() -> Iterator[None]:
             os.environ[key] = previous
 
 
+@contextlib.contextmanager
+def grouped_query_rows() -> Iterator[None]:
+    """Trace grouped-query attention as attention over the KV heads, each group's query heads stacked as rows.
+
+    ONNX Runtime's CPU `Attention` kernel runs one small GEMM pair per (batch, query head); at decode each is one
+    row against the whole cache. Reshaped [B, heads, S, D] -> [B, kv_heads, group * S, D], the query heads that
+    share a KV head become `group` times as many rows of one GEMM pair. Exact: row (g, s) attends the same keys
+    with mask row s, which is tiled once per group (once per graph: every layer gets the same mask). transformers'
+    own `pack_gqa` does this for one query position; this also covers the prefill. Only while exporting; the
+    reference forward and every other model keep transformers' SDPA path.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    tiled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        if not torch.onnx.is_in_onnx_export() or attention_mask is None or kv_heads == heads or dropout:
+            return original(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+        group = heads // kv_heads
+        if id(attention_mask) not in tiled:  # keep the source alive so its id is not reused
+            rows = attention_mask.expand(-1, -1, length, -1)[:, :, None].expand(-1, -1, group, -1, -1)
+            tiled[id(attention_mask)] = (attention_mask, rows.reshape(batch, 1, group * length, -1))
+        mask = tiled[id(attention_mask)][1]
+        stacked = query.reshape(batch, kv_heads, group * length, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
 #: Parameters of transformers' standard `apply_rotary_pos_emb` (rotate-half RoPE on [B, heads, S, head_dim]).
 ROTARY_PARAMETERS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
@@ -210,6 +251,7 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
         with (
             torch.no_grad(),
             native_gqa_attention(),
+            grouped_query_rows(),
             onnx_rotary_embedding(),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(captured),
