@@ -86,7 +86,7 @@ def grouped_query_rows() -> Iterator[None]:
 
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
-    tiled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    tiled: list[torch.Tensor] = []  # [mask, its rows tiled per group]: every layer passes the same mask
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         batch, heads, length, dim = query.shape
@@ -94,10 +94,10 @@ def grouped_query_rows() -> Iterator[None]:
         if not torch.onnx.is_in_onnx_export() or attention_mask is None or kv_heads == heads or dropout:
             return original(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         group = heads // kv_heads
-        if id(attention_mask) not in tiled:  # keep the source alive so its id is not reused
+        if not tiled or tiled[0] is not attention_mask:
             rows = attention_mask.expand(-1, -1, length, -1)[:, :, None].expand(-1, -1, group, -1, -1)
-            tiled[id(attention_mask)] = (attention_mask, rows.reshape(batch, 1, group * length, -1))
-        mask = tiled[id(attention_mask)][1]
+            tiled[:] = [attention_mask, rows.reshape(batch, 1, group * length, -1)]
+        mask = tiled[1]
         stacked = query.reshape(batch, kv_heads, group * length, dim)
         out = torch.nn.functional.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
         return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
