@@ -149,3 +149,63 @@ def test_child_peak_memory_excludes_the_parents(bench_peers):
     peak, inherited = map(float, out.stdout.split())
     assert held.nbytes / 2**20 <= inherited  # the trap this guards against is real on this kernel
     assert peak < 300, peak  # numpy + the tool's imports, far below the parent's 512 MiB
+
+
+def test_parse_ours(bench_peers, exported_qwen2_5_vl, tmp_path):
+    spec = f"fp32={exported_qwen2_5_vl},int4={exported_qwen2_5_vl}"
+    assert bench_peers.parse_ours(spec) == {"fp32": exported_qwen2_5_vl, "int4": exported_qwen2_5_vl}
+    assert bench_peers.parse_ours("") == {}
+    for bad, says in (
+        (str(exported_qwen2_5_vl), "is not LABEL=DIR"),
+        (f"fp32={exported_qwen2_5_vl},fp32={exported_qwen2_5_vl}", "given twice"),
+        (f"fp32={tmp_path}", "not a vlm-export output folder"),
+    ):
+        with pytest.raises(bench_peers.PeerError, match=says):
+            bench_peers.parse_ours(bad)
+
+
+def test_ratios_pair_ours_with_each_peer_of_the_same_precision(bench_peers):
+    def row(b1, b4, prefill, rss):
+        return {
+            "decode_b1_tok_s": {"median": b1},
+            "decode_b4_tok_s": {"median": b4},
+            "prefill_tok_s": {"median": prefill},
+            "peak_rss_mib": rss,
+        }
+
+    report = {
+        "results": {
+            "ortgenai/int4": row(50.0, 100.0, 200.0, 1000.0),
+            "llamacpp/int4": {**row(40.0, 80.0, 250.0, 500.0), "label": "q4_0"},
+            "llamacpp/fp32": row(14.0, 40.0, 250.0, 2000.0),
+            "ours/int4": row(55.0, 110.0, 200.0, 1500.0),
+        }
+    }
+    assert bench_peers.ratios(report) == [
+        "ours/int4 vs ortgenai/int4 (int4): decode b1 1.10x, decode b4 1.10x, prefill 1.00x, peak RSS 1.50x",
+        "ours/int4 vs llamacpp/int4 (q4_0): decode b1 1.38x, decode b4 1.38x, prefill 0.80x, peak RSS 3.00x",
+    ]
+
+
+def test_ours_row_decodes_the_prompt_ids_as_transformers(
+    bench_peers, tiny_qwen2_5_vl_dir, exported_qwen2_5_vl, tmp_path
+):
+    """The ``ours`` row runs our runtime on exactly the prompt ids the peers get: its greedy tokens and next-token
+    logits are transformers' on the same ids (so its timings are of the same work), at batch 1 and 4."""
+    import argparse
+
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("transformers")
+    prompt = [1, 5, 17, 99, 250, 3, 42, 7, 11, 13]
+    args = argparse.Namespace(threads=2, repeats=1, new_tokens=8, batch4=True, check_tokens=8)
+    args.child_out = tmp_path / "ours.json"
+    ours = bench_peers.child_ours(exported_qwen2_5_vl, prompt, args)
+    ours_logits = np.load(tmp_path / "ours.logits.npy")
+    args.child_out = tmp_path / "reference.json"
+    text_dir = bench_peers.write_text_checkpoint(tiny_qwen2_5_vl_dir, tmp_path / "text")
+    reference = bench_peers.child_reference(text_dir, tiny_qwen2_5_vl_dir, prompt, args)
+    assert ours["decode_tokens"] == reference["vl_tokens"] == reference["text_tokens"]
+    np.testing.assert_allclose(ours_logits, np.load(tmp_path / "reference.logits.npy"), atol=1e-4)
+    for key in ("decode_b1_tok_s", "decode_b4_tok_s", "prefill_tok_s"):
+        assert ours[key]["median"] > 0, key
+    assert ours["peak_rss_mib"] >= ours["rss_after_load_mib"] > 0

@@ -5,7 +5,8 @@
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 sentencepiece==0.2.3 --no-binary llama-cpp-python
     python tools/make_model.py --preset qwen2_5_vl-0.5b --output /tmp/bench/m05
     python tools/bench_peers.py /tmp/bench/m05 --work /tmp/bench/m05-peers --peers ortgenai,llamacpp \
-        --precisions fp32,int8,int4 --threads 2 --rounds 2 --wait-idle 90 --json peers.json
+        --precisions fp32,int8,int4 --ours fp32=/tmp/bench/m05-onnx,int4=/tmp/bench/m05-int4 \
+        --threads 2 --rounds 2 --wait-idle 90 --json peers.json
     # rerun rows a neighbour disturbed (cores busy well below --threads), keeping the others:
     python tools/bench_peers.py /tmp/bench/m05 --work /tmp/bench/m05-peers --peers llamacpp --precisions int8 \
         --rounds 2 --update --json peers.json
@@ -26,6 +27,11 @@ own tools:
   llamacpp   ``convert_hf_to_gguf.py TEXT --outtype f32`` from llama-cpp-python's source package (fetched
              with ``pip download --no-binary`` for the installed version unless --llama-cpp-src is given),
              then ``llama_model_quantize`` to q8_0 (int8) and q4_0 (int4) with llama.cpp's defaults
+
+With ``--ours fp32=DIR,int4=DIR`` our runtime runs too, on vlm-export folders of the same checkpoint, as rows
+``ours/fp32`` and ``ours/int4`` fed the same prompt ids and measured by the same code, in the same interleaved
+rounds as the peers; the report then ends with ours / theirs ratios at each precision. This is the comparison to
+quote: figures from separate runs differ by a few percent per row from one window to the next.
 
 Everything converted is cached under --work, so a rerun only measures. Every peer x precision runs in its own
 child process (peak RSS from getrusage in the child) with --threads threads: onnxruntime-genai's decoder
@@ -93,6 +99,8 @@ REQUIREMENTS = {
 }
 #: precision -> llama.cpp file type (names of convert_hf_to_gguf --outtype / LLAMA_FTYPE_MOSTLY_*)
 LLAMA_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+#: the timed figures of every row: (result key, label)
+FIGURES = (("decode_b1_tok_s", "decode b1"), ("decode_b4_tok_s", "decode b4"), ("prefill_tok_s", "prefill"))
 #: VL model_type -> (architecture, model_type) of the text-only checkpoint the peers convert. Qwen3-VL's text
 #: model is Qwen3 (per-head q/k RMSNorm); its interleaved M-RoPE is plain RoPE on text, like Qwen2.5-VL's.
 TEXT_MODELS = {"qwen2_5_vl": ("Qwen2ForCausalLM", "qwen2"), "qwen3_vl": ("Qwen3ForCausalLM", "qwen3")}
@@ -161,6 +169,45 @@ def text_tensor_name(name: str) -> str | None:
     if name.startswith("model.") or name == "lm_head.weight":
         return name
     raise PeerError(f"unexpected tensor {name!r} in the checkpoint: not a Qwen-VL text or vision weight")
+
+
+def parse_ours(spec: str) -> dict[str, Path]:
+    """``--ours fp32=DIR,int4=DIR`` as {label: folder}; every folder must be a vlm-export output."""
+    ours: dict[str, Path] = {}
+    for item in filter(None, spec.split(",")):
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise PeerError(f"--ours: {item!r} is not LABEL=DIR (e.g. --ours fp32=m-onnx,int4=m-int4)")
+        if label in ours:
+            raise PeerError(f"--ours: label {label!r} given twice")
+        path = Path(folder).expanduser().resolve()
+        if not (path / "manifest.json").is_file():
+            raise PeerError(f"--ours: {path} is not a vlm-export output folder (no manifest.json); export it first")
+        ours[label] = path
+    return ours
+
+
+def ratios(report: dict[str, Any]) -> list[str]:
+    """One line per ours/LABEL row and peer row of the same precision: ours over theirs for every figure."""
+    results = report["results"]
+    lines = []
+    for key, entry in results.items():
+        peer, precision = key.split("/")
+        if peer == "ours":
+            continue
+        mine = results.get(f"ours/{precision}")
+        if mine is None:
+            continue
+        cells = []
+        for name, label in FIGURES:
+            a, b = _median(mine.get(name)), _median(entry.get(name))
+            if a is not None and b is not None:
+                cells.append(f"{label} {a / b:.2f}x")
+        a, b = mine.get("peak_rss_mib"), entry.get("peak_rss_mib")
+        if a and b:
+            cells.append(f"peak RSS {a / b:.2f}x")
+        lines.append(f"ours/{precision} vs {key} ({entry.get('label', precision)}): " + ", ".join(cells))
+    return lines
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
@@ -457,6 +504,40 @@ def child_llamacpp(model: Path, prompt: list[int], args: argparse.Namespace) -> 
     return result
 
 
+def child_ours(folder: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Our runtime (ONNX Runtime CPU, VLM_EXPORT_THREADS intra-op threads) on a vlm-export folder, fed the same
+    prompt ids as the peers through ``Generator.steps``: a token is known when its StepEvent is yielded."""
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.runtime.generation import StepEvent
+
+    start = time.perf_counter()
+    pipe = VLMPipeline.from_pretrained(folder, backend="ort-cpu")
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "rss_after_load_mib": _peak_rss_mib()}
+
+    def steps(batch: int, new_tokens: int) -> Any:
+        settings = pipe.settings(max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, eos_token_ids=[])
+        no_media = pipe.family.encode_media([], [0] * batch)
+        events = pipe.generator.steps([list(prompt)] * batch, no_media, settings)
+        return (event for event in events if isinstance(event, StepEvent))
+
+    def generate(batch: int, new_tokens: int) -> Run:
+        times: list[float] = []
+        tokens: list[int] = []
+        start = time.perf_counter()
+        for event in steps(batch, new_tokens):
+            times.append(time.perf_counter())
+            tokens.append(int(event.tokens[0]))
+        return start, times, tokens
+
+    save_logits(args, next(steps(1, 1)).logits[0])
+    result.update(measure(generate, len(prompt), args))
+    from importlib.metadata import version
+
+    result["version"] = f"vlm-export {version('vlm-export')}, onnxruntime {version('onnxruntime')}"
+    result["peak_rss_mib"] = _peak_rss_mib()
+    return result
+
+
 def child_reference(text_dir: Path, model_dir: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
     """transformers greedy tokens on the prompt ids: the text-only checkpoint and the original VL checkpoint."""
     import torch
@@ -534,7 +615,7 @@ def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag
     """One measurement in a fresh interpreter; its JSON result plus the load average around it."""
     out = work / "results" / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLM_EXPORT_THREADS": str(args.threads)}
     command = [python, __file__, str(args.model_dir), "--child", kind, "--target", str(target)]
     command += ["--inputs", str(work / "inputs.json"), "--child-out", str(out), "--threads", str(args.threads)]
     command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
@@ -637,6 +718,10 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  warning: load average {before:.1f} / {after:.1f} around this run: the cores were shared")
     for line in report.get("skipped", []):
         print(line)
+    lines = ratios(report)
+    if lines:
+        print("\nours / theirs at the same precision (higher is better for ours; peak RSS lower is better):")
+        print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,6 +737,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="folder for the converted models (cached) and the results")
     parser.add_argument("--peers", default="ortgenai,llamacpp", help="comma-separated: ortgenai, llamacpp")
     parser.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated: fp32, int8, int4")
+    parser.add_argument(
+        "--ours",
+        default="",
+        metavar="LABEL=DIR,...",
+        help="also run our runtime on these vlm-export folders of model_dir (e.g. fp32=m-onnx,int4=m-int4) as rows "
+        "ours/LABEL, in the same interleaved rounds as the peers, so ours and theirs share every window",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for every peer (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (default 3)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per decode run (default 128)")
@@ -694,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--convert-only", action="store_true", help="convert (into --work) and stop; measure nothing")
     parser.add_argument("--json", type=Path, help="write the full report (all runs) to this file")
     parser.add_argument("--show", action="store_true", help="print the table of an existing --json report; run nothing")
-    parser.add_argument("--child", choices=("ortgenai", "llamacpp", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("ortgenai", "llamacpp", "ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -717,7 +809,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.child == "reference":
             result = child_reference(args.target, args.model_dir.resolve(), prompt, args)
         else:
-            result = {"ortgenai": child_ortgenai, "llamacpp": child_llamacpp}[args.child](args.target, prompt, args)
+            children = {"ortgenai": child_ortgenai, "llamacpp": child_llamacpp, "ours": child_ours}
+            result = children[args.child](args.target, prompt, args)
         args.child_out.write_text(json.dumps(result, indent=2))
         return 0
     if args.model_dir is None or args.work is None:
@@ -728,6 +821,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         unknown = sorted(set(values) - set(known))
         if unknown:
             parser.error(f"{name}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    ours = parse_ours(args.ours)
     model_dir, work = args.model_dir.resolve(), args.work.resolve()
     args.model_dir = model_dir
     if not (model_dir / "config.json").is_file():
@@ -742,7 +836,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for line in skipped:
         print(line, flush=True)
     peers = [p for p in peers if reasons[p] is None]
-    if not peers:
+    if not peers and not ours:
         raise PeerError("no peer to run: install one of them (see the lines above)")
     work.mkdir(parents=True, exist_ok=True)
     inputs = prompt_ids(model_dir, work, args.prompt_tokens)
@@ -763,6 +857,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 assert src is not None
                 path = convert_llama(text_dir, work, precision, src, args.threads)
                 targets[f"{peer}/{precision}"] = (path, LLAMA_TYPES[precision])
+
+    for label, folder in ours.items():
+        targets[f"ours/{label}"] = (folder, label)
 
     if args.convert_only:
         print("\n".join(f"{key}: {path}" for key, (path, _) in targets.items()))
