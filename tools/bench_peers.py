@@ -859,6 +859,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 targets[f"{peer}/{precision}"] = (path, LLAMA_TYPES[precision])
 
     for label, folder in ours.items():
+        source = json.loads((folder / "manifest.json").read_text()).get("source_model")
+        if source and Path(source).resolve() != model_dir:
+            print(f"warning: --ours {label}: {folder} was exported from {source}, not {model_dir}", flush=True)
         targets[f"ours/{label}"] = (folder, label)
 
     if args.convert_only:
