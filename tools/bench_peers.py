@@ -507,6 +507,8 @@ def child_llamacpp(model: Path, prompt: list[int], args: argparse.Namespace) -> 
 def child_ours(folder: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
     """Our runtime (ONNX Runtime CPU, VLM_EXPORT_THREADS intra-op threads) on a vlm-export folder, fed the same
     prompt ids as the peers through ``Generator.steps``: a token is known when its StepEvent is yielded."""
+    from importlib.metadata import version
+
     from vlm_export.runtime import VLMPipeline
     from vlm_export.runtime.generation import StepEvent
 
@@ -531,8 +533,6 @@ def child_ours(folder: Path, prompt: list[int], args: argparse.Namespace) -> dic
 
     save_logits(args, next(steps(1, 1)).logits[0])
     result.update(measure(generate, len(prompt), args))
-    from importlib.metadata import version
-
     result["version"] = f"vlm-export {version('vlm-export')}, onnxruntime {version('onnxruntime')}"
     result["peak_rss_mib"] = _peak_rss_mib()
     return result
@@ -697,7 +697,7 @@ def print_report(report: dict[str, Any]) -> None:
         peer, precision = key.split("/")
         busy = [x for name in ("decode_b1_tok_s", "decode_b4_tok_s") for x in entry.get(name, {}).get("cores_busy", [])]
         cells = []
-        for name, width in (("decode_b1_tok_s", 11), ("decode_b4_tok_s", 11), ("prefill_tok_s", 10)):
+        for (name, _), width in zip(FIGURES, (11, 11, 10), strict=True):
             value = _median(entry.get(name))
             cells.append(f"{value:>{width}.1f}" if value is not None else f"{'n/a':>{width}}")
         agree = "-"
