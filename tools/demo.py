@@ -99,6 +99,10 @@ def main() -> int:
         f"transformers; graph max |diff| vs transformers: "
         + ", ".join(f"{name} {g.max_abs_diff:.2g}" for name, g in pipe.manifest.graphs.items())
     )
+    print(f'try it: vlm-run {output} --prompt "Describe this image." --image {image}')
+    if args.workdir is None:
+        size = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file()) / 2**20
+        print(f"(the tiny model and its export stay in {workdir}, {size:.0f} MB: delete it when done)")
     return 0 if identical else 1
 
 
