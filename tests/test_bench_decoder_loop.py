@@ -3,23 +3,14 @@ one prefill over the whole sequence (a wrong binding, position or mask would not
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_decoder_loop.py"
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def loop_module():
-    spec = importlib.util.spec_from_file_location("bench_decoder_loop", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decoder_loop"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_decoder_loop")
 
 
 class Recorder:

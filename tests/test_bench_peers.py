@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import TOOLS, load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_peers.py"
+TOOL = TOOLS / "bench_peers.py"
 
 
 @pytest.fixture(scope="module")
 def bench_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_peers")
 
 
 HUB_CONFIG = {

@@ -360,14 +360,9 @@ def test_config_overrides_and_validation() -> None:
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
-    import importlib.util
+    from conftest import load_tool
 
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", Path(__file__).resolve().parents[1] / "tools" / "make_tiny_model.py"
-    )
-    assert spec is not None and spec.loader is not None
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("make_tiny_model")
     out = tmp_path / "tiny"
     assert cli.main(["--family", "qwen2_5_vl", "--output", str(out), "--layout", "v5", "--seed", "1"]) == 0
     assert {p.name for p in out.iterdir()} == V5_FILES
