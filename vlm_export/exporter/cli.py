@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vlm_export.errors import VLMExportError
-from vlm_export.exporter.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, DEFAULT_GRAPHS
+from vlm_export.exporter.interrupts import Interrupted, signals_interrupt
 
 EPILOG = """\
 examples:
@@ -26,6 +26,7 @@ ONNX Runtime against transformers after export; a difference above tolerance fai
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlm_export.exporter.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, DEFAULT_GRAPHS
     from vlm_export.graphs.registry import supported_model_types
 
     parser = argparse.ArgumentParser(
@@ -161,6 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         from vlm_export.exporter.engines import main as build_engines_main
 
         return build_engines_main(argv[1:])
+    with signals_interrupt():
+        try:
+            return _run(argv)
+        except Interrupted as interrupted:
+            print(f"vlm-export: interrupted ({interrupted}); nothing was written", file=sys.stderr)
+            return interrupted.exit_code
+        except KeyboardInterrupt:
+            print("vlm-export: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `vlm-export ... | head`: the reader went away; say nothing more
+            sys.stderr.close()
+            return 1
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -169,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if not args.verbose:  # "torchvision is not installed. Skipping torchvision::nms" and similar
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    from vlm_export.exporter.export import export_model
-
     start = time.perf_counter()
     try:
+        from vlm_export.exporter.export import export_model
+
         if args.engine == "trt":  # fail before a long export, not after it
             from vlm_export.exporter.engines import require_tensorrt
 
@@ -214,9 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     except VLMExportError as error:
         print(f"vlm-export: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vlm-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
     print(_summary(result))
     if engines is not None:
         from vlm_export.exporter.engines import summary

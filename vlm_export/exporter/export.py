@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +19,11 @@ from tqdm import tqdm
 import vlm_export
 from vlm_export.errors import ExportError
 from vlm_export.exporter.assets import copy_assets, find_image_processor_config
+from vlm_export.exporter.checkpoint import validate_checkpoint
+from vlm_export.exporter.interrupts import raise_if_interrupted
 from vlm_export.exporter.model_source import read_model_type, resolve_model_dir
 from vlm_export.exporter.onnx_export import OPSET, export_graph
+from vlm_export.exporter.output_folder import check_output, create_staging, move_into_place
 from vlm_export.exporter.quantize import QuantizeConfig, quantize_export
 from vlm_export.exporter.verify import verify_graph
 from vlm_export.graphs.decoder import DECODER_OPSET
@@ -71,26 +72,6 @@ def _check_transformers(allow_untested: bool) -> None:
         logger.warning("%s; continuing because --allow-untested-transformers was given", message)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} already exists; choose another --output or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700
-    if output.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, trash / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
 def export_model(
     model: str,
     output: str | Path,
@@ -129,6 +110,7 @@ def export_model(
     _check_transformers(allow_untested_transformers)
     output = Path(output).expanduser().resolve()
     model_dir = resolve_model_dir(model, revision)
+    check_output(output, model_dir, overwrite)
     family = graph_family_for(read_model_type(model_dir))
     options: dict[str, str] = {}
     if moe_form is not None:
@@ -136,7 +118,8 @@ def export_model(
             raise ExportError(f"--moe-form applies to mixture-of-experts models; {family.name} has no experts")
         options["moe_form"] = moe_form
     image_processor = find_image_processor_config(model_dir)
-    staging = _prepare_output(output, overwrite)
+    validate_checkpoint(model_dir)
+    staging = create_staging(output)
     seconds: dict[str, float] = {}
     try:
         steps = tqdm(total=8, desc="export", unit="step", disable=not progress, leave=False)
@@ -145,6 +128,7 @@ def export_model(
         torch_model = family.load_model(model_dir, DTYPES[dtype], **options)
         seconds["load"] = time.perf_counter() - start
         steps.update()
+        raise_if_interrupted()
         graphs = {}
         for spec in family.graph_specs(torch_model, DTYPES[dtype]):
             steps.set_postfix_str(f"exporting {spec.name}")
@@ -152,6 +136,7 @@ def export_model(
             info = export_graph(spec, staging)
             seconds[f"export {spec.name}"] = time.perf_counter() - start
             steps.update()
+            raise_if_interrupted()
             steps.set_postfix_str(f"verifying {spec.name}")
             start = time.perf_counter()
             info.max_abs_diff = verify_graph(spec, staging / info.file)
@@ -159,6 +144,7 @@ def export_model(
             logger.info("%s: max abs diff vs transformers %.3g", spec.name, info.max_abs_diff)
             graphs[spec.name] = info
             steps.update()
+            raise_if_interrupted()
         steps.set_postfix_str("writing assets")
         generation_config = torch_model.generation_config.to_diff_dict()
         files = copy_assets(model_dir, staging, generation_config)
@@ -194,8 +180,10 @@ def export_model(
             seconds["quantize"] = time.perf_counter() - start
         manifest.save(staging)
         steps.update()
+        raise_if_interrupted()
         steps.close()
-        _move_into_place(staging, output)
+        raise_if_interrupted()
+        move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

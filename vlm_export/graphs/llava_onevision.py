@@ -74,7 +74,7 @@ class LlavaOnevisionGraphs:
 
     def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
+            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, use_safetensors=True
         )
         return model.eval()
 

@@ -122,7 +122,7 @@ class Qwen2_5_VLGraphs:
 
     def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
         model = self.model_class.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
+            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, use_safetensors=True
         )
         return model.eval()
 
