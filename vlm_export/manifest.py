@@ -70,6 +70,9 @@ class Manifest:
     # Weight-only quantization applied after export (scheme, bits, block size, accuracy level, graphs, agreement
     # with fp32); empty = the graphs hold the exported dtype's weights.
     quantization: dict[str, Any] = field(default_factory=dict)
+    # What the exporter compared with transformers: depth ("full", or "reduced" with the layers kept), and per graph
+    # the largest difference, its tolerance and the number of input sets.
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

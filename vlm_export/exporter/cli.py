@@ -106,7 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated graphs to quantize (default {','.join(DEFAULT_GRAPHS)}); adding vision_encoder "
         "quantizes it to int8 weights and activations whatever the scheme (~2.5x faster ViT, ~4%% error; README)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--verify",
+        choices=["auto", "full", "reduced"],
+        default="auto",
+        help="how the graphs are checked against transformers (default auto): full = every graph against the whole "
+        "model's forward (needs ~2.3x the float32 parameters in memory); reduced = the same graph code with the "
+        "model's own weights on a copy that keeps a few layers (what fits a 7B model on a 24 GB machine); auto = "
+        "full when it fits. The manifest records what was verified",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it is an earlier export (and holds nothing else)"
+    )
     parser.add_argument(
         "--allow-untested-transformers",
         action="store_true",
@@ -138,6 +149,10 @@ def _summary(result) -> str:
                 f"  teacher-forced agreement with float32: top-1 {agreement['top1']:.3f}, "
                 f"top-5 {agreement['top5']:.3f} over {agreement['positions']} tokens"
             )
+    verification = manifest.verification
+    if verification.get("depth") == "reduced":
+        kept = "; ".join(f"{label} {layers}" for label, layers in verification.get("kept", {}).items())
+        lines.append(f"  verified on a depth-reduced copy with the model's weights ({kept}): diffs above are its own")
     lines.append(f'run it: vlm-run {result.output} --prompt "..." [--image PATH] [--video PATH]')
     return "\n".join(lines)
 
@@ -208,6 +223,7 @@ def _run(argv: list[str]) -> int:
             progress=not args.quiet,
             moe_form=args.moe_form,
             quantize=_quantize_config(args),
+            verify=args.verify,
         )
         engines = None
         if args.engine == "trt":

@@ -12,20 +12,32 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import vlm_export
 from vlm_export.errors import ExportError
+from vlm_export.exporter.activation_scan import FLOAT16_MAX, scan_activations
 from vlm_export.exporter.assets import copy_assets, find_image_processor_config
 from vlm_export.exporter.checkpoint import validate_checkpoint
 from vlm_export.exporter.interrupts import raise_if_interrupted
 from vlm_export.exporter.model_source import read_model_type, resolve_model_dir
 from vlm_export.exporter.onnx_export import OPSET, export_graph
 from vlm_export.exporter.output_folder import check_output, create_staging, move_into_place
-from vlm_export.exporter.quantize import QuantizeConfig, quantize_export
+from vlm_export.exporter.quantize import (
+    GraphQuantization,
+    QuantizeConfig,
+    finish_streamed_quantization,
+    quantize_export,
+    quantize_weights,
+    weight_only_graphs,
+)
+from vlm_export.exporter.reduced_verification import verify_reduced
+from vlm_export.exporter.resources import GB, available_memory, check_disk_space, log_memory
 from vlm_export.exporter.verify import verify_graph
+from vlm_export.exporter.weightless import build_weightless, parameter_count
 from vlm_export.graphs.decoder import DECODER_OPSET
 from vlm_export.graphs.registry import graph_family_for
 from vlm_export.manifest import Limits, Manifest
@@ -72,6 +84,38 @@ def _check_transformers(allow_untested: bool) -> None:
         logger.warning("%s; continuing because --allow-untested-transformers was given", message)
 
 
+#: --verify: "full" compares every graph with transformers' forward of the whole model (which must fit in memory
+#: beside each graph's ONNX Runtime session); "reduced" compares the same graph code on a depth-reduced copy with the
+#: model's own weights (`reduced_verification`); "auto" picks full when it fits.
+VERIFY_MODES = ("auto", "full", "reduced")
+#: Resident memory of full verification, per byte of parameters: transformers' model plus the graph being checked
+#: (ONNX Runtime pre-packs its matrices) plus activations.
+FULL_VERIFY_MEMORY_FACTOR = 2.3
+
+
+def _verification_depth(mode: str, parameter_bytes: int) -> str:
+    if mode != "auto":
+        return mode
+    needed = FULL_VERIFY_MEMORY_FACTOR * parameter_bytes + 1.5 * GB
+    available = available_memory()
+    if needed <= available:
+        return "full"
+    logger.info(
+        "full-depth verification needs ~%.1f GB of memory, %.1f GB are available: verifying on a depth-reduced copy",
+        needed / GB,
+        available / GB,
+    )
+    return "reduced"
+
+
+def _written_bytes(parameters: int, dtype: str, quantize: QuantizeConfig | None) -> int:
+    """What the graphs will take on disk (a little over the parameters in the stored type)."""
+    per_parameter = 4 if dtype == "float32" else 2
+    if quantize is not None:
+        per_parameter = 0.65 if quantize.bits == 4 else 1.2
+    return int(parameters * per_parameter * 1.05)
+
+
 def export_model(
     model: str,
     output: str | Path,
@@ -86,13 +130,20 @@ def export_model(
     progress: bool = True,
     moe_form: str | None = None,
     quantize: QuantizeConfig | None = None,
+    verify: str = "auto",
 ) -> ExportResult:
     """Export `model` (folder or hub id) into `output`; returns the manifest written there.
 
-    With `quantize`, the verified fp32 graphs are then quantized (weight-only) in place; see `quantize.py`.
+    The graphs are traced without weights and written tensor by tensor from the checkpoint (memory: about one
+    weight, not the model). They are verified against transformers at full depth when the model fits in memory
+    beside them, else on a depth-reduced copy (`verify`). With `quantize`, weight-only quantization happens while
+    the weights are written when the float graphs are not verified in full, else after verification (so the
+    quantized export's agreement with the verified float32 one can be measured).
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if verify not in VERIFY_MODES:
+        raise ExportError(f"--verify {verify} is not supported; choose one of {', '.join(VERIFY_MODES)}")
     if quantize is not None:
         quantize.validate()
         if dtype != "float32":
@@ -118,40 +169,63 @@ def export_model(
             raise ExportError(f"--moe-form applies to mixture-of-experts models; {family.name} has no experts")
         options["moe_form"] = moe_form
     image_processor = find_image_processor_config(model_dir)
-    validate_checkpoint(model_dir)
+    checkpoint = validate_checkpoint(model_dir)
+    torch_dtype = DTYPES[dtype]
     staging = create_staging(output)
     seconds: dict[str, float] = {}
     try:
-        steps = tqdm(total=8, desc="export", unit="step", disable=not progress, leave=False)
-        steps.set_postfix_str(f"loading {model_dir.name}")
+        steps = tqdm(total=6, desc="export", unit="step", disable=not progress, leave=False)
+        steps.set_postfix_str(f"reading {model_dir.name}")
         start = time.perf_counter()
-        torch_model = family.load_model(model_dir, DTYPES[dtype], **options)
+        weightless, weights = build_weightless(family, model_dir, checkpoint, torch_dtype, options)
+        parameters = parameter_count(weightless)
+        depth = _verification_depth(verify, parameters * 4)
+        check_disk_space(output.parent, _written_bytes(parameters, dtype, quantize), "the export")
         seconds["load"] = time.perf_counter() - start
+        log_memory("building the weightless model")
         steps.update()
         raise_if_interrupted()
+        range_check = None
+        if dtype == "float16":  # fail before writing anything when float16 cannot hold the activations
+            steps.set_postfix_str("float16 range check (full depth, float32)")
+            peak = scan_activations(family, model_dir, checkpoint, options)
+            range_check = {"largest_activation": peak.value, "module": peak.module, "float16_max": FLOAT16_MAX}
+            if peak.overflows_float16():
+                raise ExportError(
+                    f"float16 cannot hold this model's activations: {peak.module} reaches {peak.value:.4g} (float16 "
+                    f"stops at {FLOAT16_MAX:g}) in transformers' float32 forward; export --dtype float32, or build "
+                    "TensorRT engines in bfloat16 / float32 from a float32 export"
+                )
+            log_memory("float16 range check")
+            raise_if_interrupted()
+        # Quantize while writing only when the float graphs will not exist to verify in full and compare with.
+        stream_quantize = quantize if depth == "reduced" else None
+        graph_quantization: dict[str, GraphQuantization] = {}
         graphs = {}
-        for spec in family.graph_specs(torch_model, DTYPES[dtype]):
-            steps.set_postfix_str(f"exporting {spec.name}")
+        for spec in family.graph_specs(weightless, torch_dtype):
+            steps.set_postfix_str(f"writing {spec.name}")
             start = time.perf_counter()
-            info = export_graph(spec, staging)
+            rewrite = None
+            if stream_quantize is not None and spec.name in weight_only_graphs(stream_quantize):
+
+                def rewrite(model_proto, load, store, name=spec.name):
+                    graph_quantization[name] = quantize_weights(model_proto, load, store, stream_quantize)
+
+            graphs[spec.name] = export_graph(spec, staging, weights, rewrite=rewrite, progress=progress)
+            graphs[spec.name].max_abs_diff = None
             seconds[f"export {spec.name}"] = time.perf_counter() - start
-            steps.update()
+            log_memory(f"writing {spec.name}")
             raise_if_interrupted()
-            steps.set_postfix_str(f"verifying {spec.name}")
-            start = time.perf_counter()
-            info.max_abs_diff = verify_graph(spec, staging / info.file)
-            seconds[f"verify {spec.name}"] = time.perf_counter() - start
-            logger.info("%s: max abs diff vs transformers %.3g", spec.name, info.max_abs_diff)
-            graphs[spec.name] = info
-            steps.update()
-            raise_if_interrupted()
+        steps.update()
         steps.set_postfix_str("writing assets")
-        generation_config = torch_model.generation_config.to_diff_dict()
+        generation_config = weightless.generation_config.to_diff_dict()
         files = copy_assets(model_dir, staging, generation_config)
         write_assets = getattr(family, "write_assets", None)  # family-specific host-side tensors
         if write_assets is not None:
-            files.update(write_assets(torch_model, staging))
-        section = family.manifest_section(torch_model, image_processor)
+            files.update(write_assets(weightless, staging))
+        section = family.manifest_section(weightless, image_processor)
+        weightless = weights = spec = None  # the checkpoint's files and the fake model are released here
+        gc.collect()
         text = section["text"]
         limits = Limits(
             max_batch=max_batch,
@@ -171,16 +245,37 @@ def export_model(
             producer=_versions(),
             source_model=model,
         )
-        if quantize is not None:
-            torch_model = spec = None  # free the PyTorch weights before the graphs are loaded for quantization
-            gc.collect()
-            steps.set_postfix_str(f"quantizing ({quantize.scheme})")
-            start = time.perf_counter()
-            manifest.quantization = quantize_export(staging, manifest, quantize)
-            seconds["quantize"] = time.perf_counter() - start
-        manifest.save(staging)
         steps.update()
         raise_if_interrupted()
+        start = time.perf_counter()
+        if depth == "full":
+            steps.set_postfix_str("verifying against transformers")
+            manifest.verification = _verify_full(family, model_dir, torch_dtype, options, staging, graphs)
+        else:
+            steps.set_postfix_str("verifying a depth-reduced copy")
+            manifest.verification = verify_reduced(family, model_dir, checkpoint, output, dtype, options, quantize)
+            for name, record in manifest.verification["graphs"].items():
+                graphs[name].max_abs_diff = record["max_abs_diff"]
+        if range_check is not None:
+            manifest.verification["float16_range"] = range_check
+        seconds["verify"] = time.perf_counter() - start
+        log_memory("verification")
+        steps.update()
+        raise_if_interrupted()
+        if quantize is not None:
+            steps.set_postfix_str(f"quantizing ({quantize.scheme})")
+            start = time.perf_counter()
+            if stream_quantize is None:
+                manifest.quantization = quantize_export(staging, manifest, quantize)
+            else:
+                manifest.quantization = finish_streamed_quantization(
+                    staging, manifest, quantize, graph_quantization, manifest.verification.get("quantized_agreement")
+                )
+            seconds["quantize"] = time.perf_counter() - start
+            log_memory("quantization")
+        steps.update()
+        manifest.save(staging)
+        steps.update()
         steps.close()
         raise_if_interrupted()
         move_into_place(staging, output)
@@ -188,3 +283,25 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(output=output, manifest=manifest, seconds=seconds)
+
+
+def _verify_full(
+    family: Any, model_dir: Path, dtype: torch.dtype, options: dict[str, str], folder: Path, graphs: dict
+) -> dict[str, Any]:
+    """Every graph against transformers' forward of the whole model; returns the manifest's record."""
+    try:
+        reference = family.load_model(model_dir, dtype, **options)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"cannot load {model_dir} with transformers to verify the export: {error}") from None
+    record: dict[str, Any] = {"depth": "full", "graphs": {}}
+    for spec in family.graph_specs(reference, dtype):
+        diff = verify_graph(spec, folder / graphs[spec.name].file)
+        graphs[spec.name].max_abs_diff = diff
+        record["graphs"][spec.name] = {
+            "max_abs_diff": diff,
+            "tolerance": spec.tolerance,
+            "cases": len(spec.verify_feeds),
+        }
+        logger.info("%s: max abs diff vs transformers %.3g", spec.name, diff)
+        raise_if_interrupted()
+    return record

@@ -66,13 +66,24 @@ def _feed_one_concat(members: list[_Member], readers: dict[str, list[onnx.NodePr
 
 Load = Callable[[onnx.TensorProto], np.ndarray]
 Store = Callable[[np.ndarray, str], onnx.TensorProto]
+#: (initializers, axis, name) -> the initializer holding their concatenation (possibly computed later).
+Join = Callable[[list[onnx.TensorProto], int, str], onnx.TensorProto]
 
 
 def fuse_sibling_matmuls(
-    model: onnx.ModelProto, load: Load = numpy_helper.to_array, store: Store = numpy_helper.from_array
+    model: onnx.ModelProto,
+    load: Load = numpy_helper.to_array,
+    store: Store = numpy_helper.from_array,
+    join: Join | None = None,
 ) -> int:
     """Rewrite `model` in place; returns the number of MatMul groups fused. `load` reads an initializer's values
-    (default: weights already in the proto), `store` turns a new array into an initializer."""
+    (default: weights already in the proto), `store` turns a new array into an initializer; `join`, when given,
+    makes the concatenated weights instead (the exporter's defers reading them until they are written)."""
+    if join is None:
+
+        def join(tensors: list[onnx.TensorProto], axis: int, name: str) -> onnx.TensorProto:
+            return store(np.concatenate([load(t) for t in tensors], axis=axis), name)
+
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     readers = _consumers(graph)
@@ -104,13 +115,12 @@ def fuse_sibling_matmuls(
             continue
         with_bias = all(m.bias is not None for m in members)
         prefix = f"{members[0].matmul.name or members[0].matmul.output[0]}_fused{fused}"
-        weight = store(np.concatenate([load(m.weight) for m in members], axis=1), prefix + ".weight")
+        weight = join([m.weight for m in members], 1, prefix + ".weight")
         new_inits = [weight]
         nodes = [helper.make_node("MatMul", [source, weight.name], [prefix + ".out"], name=prefix)]
         split_input = prefix + ".out"
         if with_bias:
-            bias = np.concatenate([load(m.bias) for m in members if m.bias is not None])
-            new_inits.append(store(bias, prefix + ".bias"))
+            new_inits.append(join([m.bias for m in members if m.bias is not None], 0, prefix + ".bias"))
             nodes.append(
                 helper.make_node("Add", [split_input, prefix + ".bias"], [prefix + ".biased"], name=prefix + "_add")
             )

@@ -52,6 +52,7 @@ def signals_interrupt() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _received.clear()  # a later export in this process starts with no signal pending
 
 
 def raise_if_interrupted() -> None:

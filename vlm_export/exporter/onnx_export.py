@@ -7,20 +7,34 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
+import onnx_ir as ir
 import torch
-from onnx import numpy_helper
+from tqdm import tqdm
 
 from vlm_export.errors import ExportError
-from vlm_export.graphs.registry import PROMOTED_DOMAIN, GraphSpec
+from vlm_export.exporter.deferred_weights import (
+    DEFERRED,
+    DeferredWeights,
+    Recipe,
+    WeightReader,
+    WeightSink,
+    parameter_recipe,
+    transposed,
+)
+from vlm_export.exporter.fuse_matmuls import fuse_sibling_matmuls
+from vlm_export.graphs.registry import PROMOTED_DOMAIN, ROWS_ATTRIBUTE, SOURCE_ATTRIBUTE, GraphSpec
 from vlm_export.manifest import GraphInfo, TensorInfo
 
 logger = logging.getLogger(__name__)
 
 OPSET = 23
+#: Initializers up to this many bytes stay in the graph file; larger ones go to `<graph>.onnx.data`.
+INLINE_LIMIT = 1024
 
 _ONNX_TYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -156,10 +170,8 @@ def onnx_rotary_embedding() -> Iterator[None]:
             module.apply_rotary_pos_emb = original
 
 
-def promote_ops(path: Path, opset: int) -> None:
-    """Move the ops traced in `PROMOTED_DOMAIN` into the default domain and raise its opset to `opset`.
-    Only the graph file is rewritten; external weights stay where they are."""
-    model = onnx.load(str(path), load_external_data=False)
+def promote_ops(model: onnx.ModelProto, opset: int) -> None:
+    """Move the ops traced in `PROMOTED_DOMAIN` into the default domain and raise its opset to `opset`."""
     for node in model.graph.node:
         if node.domain == PROMOTED_DOMAIN:
             node.domain = ""
@@ -169,115 +181,169 @@ def promote_ops(path: Path, opset: int) -> None:
             entry.version = max(entry.version, opset)
     del model.opset_import[:]
     model.opset_import.extend(imports)
-    onnx.save(model, str(path))
-    onnx.checker.check_model(str(path))
 
 
-def fuse_projections(path: Path) -> int:
-    """Fuse sibling MatMuls of the saved graph (see `fuse_matmuls`) and rewrite it.
-
-    A graph with external weights is rewritten without loading them: each fused group's weights are read, joined
-    and written out, then every other weight is copied over tensor by tensor, into a new data file that replaces
-    the old one. (Loading a 7 GB decoder next to the PyTorch model that is still needed for verification ran a
-    2B-parameter export out of 24 GB of memory.)
-    """
-    from vlm_export.exporter.fuse_matmuls import fuse_sibling_matmuls
-
-    model = onnx.load(str(path), load_external_data=False)
-    external = [init for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
-    if not external:  # every weight is already in the proto just loaded
-        fused = fuse_sibling_matmuls(model)
-        if fused:
-            onnx.save(model, str(path))
-        return fused
-    folder, location = path.parent, f"{path.name}.data"
-    staged = folder / f".{location}.partial"
-    old_files = {_external_field(init, "location") for init in external}
-    written: set[str] = set()
-    with staged.open("wb") as sink:
-
-        def write(tensor: onnx.TensorProto, raw: bytes) -> onnx.TensorProto:
-            sink.seek(-sink.tell() % 4096, os.SEEK_CUR)  # page-aligned, so ONNX Runtime can map it
-            offset = sink.tell()
-            sink.write(raw)
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            written.add(tensor.name)
-            return tensor
-
-        def store(array, name: str) -> onnx.TensorProto:
-            tensor = numpy_helper.from_array(array, name)
-            return write(tensor, tensor.raw_data)
-
-        def load(tensor: onnx.TensorProto):
-            return numpy_helper.to_array(tensor, base_dir=str(folder))
-
-        fused = fuse_sibling_matmuls(model, load=load, store=store)
-        if fused:
-            for init in model.graph.initializer:
-                if init.data_location == onnx.TensorProto.EXTERNAL and init.name not in written:
-                    with (folder / _external_field(init, "location")).open("rb") as source:
-                        source.seek(int(_external_field(init, "offset") or 0))
-                        length = _external_field(init, "length")
-                        write(init, source.read(int(length)) if length else source.read())
-    if not fused:
-        staged.unlink()
-        return 0
-    for name in old_files:
-        (folder / name).unlink()
-    staged.rename(folder / location)
-    onnx.save(model, str(path))
-    logger.debug("%s: fused %d groups of sibling MatMuls", path.name, fused)
-    return fused
+def _trace(spec: GraphSpec, captured: io.StringIO):
+    """torch's dynamo exporter on `spec`, unoptimized (weights may be FakeTensors: see `weightless.py`)."""
+    with (
+        torch.no_grad(),
+        native_gqa_attention(),
+        grouped_query_rows(),
+        onnx_rotary_embedding(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(captured),
+        contextlib.redirect_stderr(captured),
+    ):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(
+            spec.module,
+            spec.example_args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=spec.dynamic_shapes,
+            optimize=False,
+            verbose=False,
+        )
 
 
-def _external_field(tensor: onnx.TensorProto, key: str) -> str | None:
-    return next((entry.value for entry in tensor.external_data if entry.key == key), None)
+def _lazy(recipe: Recipe, value: ir.Value) -> ir.LazyTensor:
+    return ir.LazyTensor(lambda: ir.tensor(recipe()), dtype=value.dtype, shape=value.shape, name=value.name)
 
 
-def export_graph(spec: GraphSpec, folder: Path) -> GraphInfo:
+def bind_fake_weights(model: ir.Model, module: torch.nn.Module, weights: WeightReader | None) -> int:
+    """Give every FakeTensor initializer a lazy recipe reading its parameter from `weights`; returns how many."""
+    from vlm_export.exporter.weightless import is_fake
+
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    bound = 0
+    for value in model.graph.initializers.values():
+        if not is_fake(getattr(value.const_value, "raw", None)):
+            continue
+        param = parameters.get(value.name)
+        source = getattr(param, SOURCE_ATTRIBUTE, None)
+        if param is None or source is None or weights is None:
+            raise ExportError(f"the traced graph's weight {value.name} has no known source in the checkpoint")
+        recipe = parameter_recipe(weights, source, param.dtype, getattr(param, ROWS_ATTRIBUTE, None))
+        value.const_value = _lazy(recipe, value)
+        bound += 1
+    return bound
+
+
+def _recipe_of(tensor: ir.TensorProtocol) -> Recipe:
+    return lambda: tensor.numpy()
+
+
+def fold_lazy_transposes(graph: ir.Graph) -> int:
+    """Fold `Transpose(weight)` into a transposed lazy weight, as the graph optimizer folds it for real weights
+    (onnxscript always folds a Transpose whose large input it alone reads) without evaluating anything now."""
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.inputs[0]
+        if source is None or not source.is_initializer() or not isinstance(source.const_value, ir.LazyTensor):
+            continue
+        if len(source.uses()) != 1 or node.outputs[0].is_graph_output():
+            continue
+        perm_attr = node.attributes.get("perm")
+        perm = list(perm_attr.as_ints()) if perm_attr is not None else None
+        dims = list(source.shape)
+        order = perm if perm is not None else list(reversed(range(len(dims))))
+        output = node.outputs[0]
+        recipe = transposed(_recipe_of(source.const_value), perm)
+        shape = ir.Shape([dims[i] for i in order])
+        value = ir.Value(name=output.name, shape=shape, type=ir.TensorType(source.dtype))
+        value.const_value = ir.LazyTensor(lambda r=recipe: ir.tensor(r()), dtype=source.dtype, shape=shape)
+        output.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        graph.register_initializer(value)
+        folded += 1
+    return folded
+
+
+def _to_proto(model: ir.Model, deferred: DeferredWeights, inline_limit: int) -> onnx.ModelProto:
+    """Serialize `model` without evaluating its weights: lazy ones, and real ones over `inline_limit` bytes, become
+    deferred placeholders (evaluated when written)."""
+    placeholders: dict[str, tuple[list[int], Recipe]] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        large = tensor.size * tensor.dtype.itemsize > inline_limit
+        if isinstance(tensor, ir.LazyTensor) or large:
+            placeholders[value.name] = ([int(d) for d in tensor.shape], _recipe_of(tensor))
+            value.const_value = ir.ExternalTensor(
+                DEFERRED, None, None, tensor.dtype, shape=tensor.shape, name=value.name
+            )
+    proto = ir.serde.serialize_model(model)
+    for init in proto.graph.initializer:
+        if init.name in placeholders:
+            dims, recipe = placeholders[init.name]
+            fresh = deferred.placeholder(init.name, dims, init.data_type, recipe)
+            init.CopyFrom(fresh)
+    return proto
+
+
+#: A graph pass run on the traced graph before its weights are written: (model, load, store), see `fuse_matmuls`.
+Rewrite = Callable[[onnx.ModelProto, Callable[[onnx.TensorProto], Any], Callable[[Any, str], onnx.TensorProto]], Any]
+
+
+def export_graph(
+    spec: GraphSpec,
+    folder: Path,
+    weights: WeightReader | None = None,
+    rewrite: Rewrite | None = None,
+    progress: bool = False,
+) -> GraphInfo:
     """Export `spec` to `folder/<name>.onnx` and return its IO description.
 
-    Weights always go to `<name>.onnx.data` beside the graph: protobuf cannot hold 2 GiB, and ONNX Runtime
-    memory-maps external weights, so a weight it never packs (the embedding table, read row by row by Gather)
-    costs resident memory only for the rows a request touches."""
+    The module may hold FakeTensor parameters (`weightless.weightless_model`): their values are read from `weights`
+    one at a time while `<name>.onnx.data` is written, so no step holds the graph's weights. Weights always go to
+    that file beside the graph: protobuf cannot hold 2 GiB, and ONNX Runtime memory-maps external weights, so a
+    weight it never packs (the embedding table, read row by row by Gather) costs resident memory only for the rows
+    a request touches.
+
+    `rewrite` (e.g. weight-only quantization) runs after the projections are fused, reading and writing weights one
+    at a time like the rest; `progress` shows a bar of the weights being written."""
     path = folder / f"{spec.name}.onnx"
     captured = io.StringIO()
+    deferred = DeferredWeights(folder)
+    sink = None
     try:
-        with (
-            torch.no_grad(),
-            native_gqa_attention(),
-            grouped_query_rows(),
-            onnx_rotary_embedding(),
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(captured),
-            contextlib.redirect_stderr(captured),
-        ):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                spec.module,
-                spec.example_args,
-                dynamo=True,
-                opset_version=OPSET,
-                input_names=spec.input_names,
-                output_names=spec.output_names,
-                dynamic_shapes=spec.dynamic_shapes,
-                verbose=False,
-            )
-            program.save(path, external_data=True)
+        program = _trace(spec, captured)
+        bind_fake_weights(program.model, spec.module, weights)
+        fold_lazy_transposes(program.model.graph)
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            program.optimize()
+        model = _to_proto(program.model, deferred, INLINE_LIMIT)
+        del program
         if spec.opset and spec.opset > OPSET:
-            promote_ops(path, spec.opset)
-        fuse_projections(path)
+            promote_ops(model, spec.opset)
+        sink = WeightSink(folder / f"{path.name}.data")
+        fused = fuse_sibling_matmuls(model, load=deferred.load, store=sink.store, join=deferred.join)
+        logger.debug("%s: fused %d groups of sibling MatMuls", spec.name, fused)
+        if rewrite is not None:
+            rewrite(model, deferred.load, sink.store)
+        with tqdm(desc=f"writing {spec.name}", unit="tensor", disable=not progress, leave=False) as bar:
+            deferred.write_all(
+                model.graph, sink, INLINE_LIMIT, on_write=lambda name: (bar.update(), bar.set_postfix_str(name[-60:]))
+            )
+        sink.close()
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path))
+    except ExportError:
+        raise
     except Exception as error:
         logger.debug("exporter output:\n%s", captured.getvalue())
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"exporting the {spec.name} graph failed: {first}") from error
+    finally:
+        if sink is not None:
+            sink.close()
     logger.debug("exporter output for %s:\n%s", spec.name, captured.getvalue())
-    model = onnx.load(str(path), load_external_data=False)
     inputs = _describe(list(model.graph.input), spec.input_axes)
     outputs = _describe(list(model.graph.output), spec.output_axes)
     if [t.name for t in inputs] != spec.input_names or [t.name for t in outputs] != spec.output_names:

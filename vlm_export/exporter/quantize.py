@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ DYNAMIC_INT8_GRAPHS = ("vision_encoder",)
 #: Smallest weight (elements) worth a quantized kernel: tiny projections stay fp32.
 MIN_WEIGHT_ELEMENTS = 1024
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+Load = Callable[[onnx.TensorProto], np.ndarray]
+Store = Callable[[np.ndarray, str], onnx.TensorProto]
 
 
 @dataclass
@@ -133,10 +137,11 @@ def _initializer_bytes(graph: onnx.GraphProto) -> int:
     return total
 
 
-def _gemm_to_matmul(graph: onnx.GraphProto) -> int:
+def _gemm_to_matmul(graph: onnx.GraphProto, load: Load, store: Store) -> int:
     """Rewrite ``Gemm(A, W, b, transB=1)`` with constant W [N, K] as ``MatMul(A, W^T) + b`` (returns how many).
 
-    The quantizer only takes MatMul with a constant [K, N] weight; torch exports 2-D ``nn.Linear`` as Gemm.
+    The quantizer only takes MatMul with a constant [K, N] weight; torch exports 2-D ``nn.Linear`` as Gemm. Each
+    transposed weight is read with `load` and handed to `store` at once.
     """
     initializers = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
@@ -145,6 +150,7 @@ def _gemm_to_matmul(graph: onnx.GraphProto) -> int:
             uses[name] = uses.get(name, 0) + 1
     nodes: list[onnx.NodeProto] = []
     rewritten = 0
+    dropped: set[str] = set()
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         weight = initializers.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
@@ -152,24 +158,26 @@ def _gemm_to_matmul(graph: onnx.GraphProto) -> int:
         if weight is None or not plain or weight.data_type not in _FLOAT_TYPES:
             nodes.append(node)
             continue
-        array = numpy_helper.to_array(weight)
+        array = load(weight)
         if attrs.get("transB", 0):
             array = np.ascontiguousarray(array.T)
         name = node.name or f"gemm_{rewritten}"
-        matmul_weight = numpy_helper.from_array(array, f"{weight.name}_kn")
+        graph.initializer.append(store(array, f"{weight.name}_kn"))
         del array
-        if uses[weight.name] == 1:  # drop the [N, K] copy now: peak memory stays ~ one copy of the weights
-            graph.initializer.remove(weight)
-        graph.initializer.append(matmul_weight)
+        if uses[weight.name] == 1:
+            dropped.add(weight.name)
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], matmul_weight.name], [product], name=name))
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], f"{weight.name}_kn"], [product], name=name))
         if has_bias:
             nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_bias"))
         rewritten += 1
     if rewritten:
         graph.ClearField("node")
         graph.node.extend(nodes)
+        kept = [t for t in graph.initializer if t.name not in dropped]
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept)
     return rewritten
 
 
@@ -213,59 +221,185 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
             taken.add(name)
 
 
-def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQuantization:
-    """Quantize the graph file ``source`` into ``target``, weights in ``<target>.data`` beside it (memory-mapped by
-    ONNX Runtime, like the float32 export's)."""
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values, from its dims (nothing is read)."""
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (int(np.prod(tensor.dims)) + 1) // 2
+    return int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _node_quantizer(config: QuantizeConfig, op_types: tuple[str, ...]):
+    """onnxruntime's own per-node weight-only quantizer (what MatMulNBitsQuantizer runs on every node)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
     from onnxruntime.quantization.quant_utils import QuantFormat
 
     # The quantizer's module calls logging.basicConfig(level=INFO) on import: undo that for a library caller, and
     # keep its per-node INFO lines out of the export's log.
     root.handlers[:], root.level = handlers, level
     logging.getLogger("onnxruntime.quantization").setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    model = onnx.load(str(source), load_external_data=True)
-    graph = model.graph
-    _name_nodes(graph)
-    result = GraphQuantization(bytes_before=_initializer_bytes(graph))
-    _gemm_to_matmul(graph)
-    matmuls, gathers, kept = _targets(graph, config.bits)
-    result.kept_float = kept
-    if matmuls or gathers:
-        included = set(matmuls) | set(gathers)
-        op_types = ("MatMul", "Gather") if gathers else ("MatMul",)
-        excluded = [n.name for n in graph.node if n.op_type in op_types and n.name not in included]
-        quantizer = MatMulNBitsQuantizer(
-            model,
-            bits=config.bits,
+    return DefaultWeightOnlyQuantizer(
+        DefaultWeightOnlyQuantConfig(
             block_size=config.block_size,
             is_symmetric=config.symmetric,
             accuracy_level=config.accuracy_level or None,
-            nodes_to_exclude=excluded,
             quant_format=QuantFormat.QOperator,
             op_types_to_quantize=op_types,
             quant_axes=(("MatMul", 0), ("Gather", 1)),
+            bits=config.bits,
         )
-        quantizer.process()
-        model = quantizer.model.model
-    counts = {op: sum(1 for n in model.graph.node if n.op_type == op) for op in ("MatMulNBits", "GatherBlockQuantized")}
+    )
+
+
+def quantize_weights(model: onnx.ModelProto, load: Load, store: Store, config: QuantizeConfig) -> GraphQuantization:
+    """Weight-only quantization of `model` in place, one weight at a time.
+
+    Each selected MatMul / Gather weight is read with `load`, quantized by onnxruntime's own node quantizer (the one
+    `MatMulNBitsQuantizer` runs on every node, so the result is what it gives on the whole float graph), and the
+    packed weights, scales and zero points are handed to `store` at once: memory holds one weight, whether the
+    float weights come from a graph file or are still being read from the checkpoint (`deferred_weights`)."""
+    graph = model.graph
+    _name_nodes(graph)
+    result = GraphQuantization(bytes_before=sum(_tensor_bytes(t) for t in graph.initializer))
+    _gemm_to_matmul(graph, load, store)
+    matmuls, gathers, kept = _targets(graph, config.bits)
+    result.kept_float = kept
+    if not matmuls and not gathers:
+        result.bytes_after = result.bytes_before
+        return result
+    op_types = ("MatMul", "Gather") if gathers else ("MatMul",)
+    quantizer = _node_quantizer(config, op_types)
+    initializers = {t.name: t for t in graph.initializer}
+    selected = set(matmuls) | set(gathers)
+    nodes: list[onnx.NodeProto] = []
+    quantized_weights: set[str] = set()
+    for node in graph.node:
+        if node.name not in selected:
+            nodes.append(node)
+            continue
+        weight = initializers[node.input[1] if node.op_type == "MatMul" else node.input[0]]
+        if node.op_type == "Gather":  # an embedding table can pass protobuf's 2 GB: no TensorProto of it
+            replacement, made_tensors = _quantize_gather(node, load(weight), weight.name, config, quantizer)
+        else:
+            scratch = onnx.GraphProto()  # the quantizer reads the weight from, and adds its outputs to, this graph
+            scratch.initializer.append(numpy_helper.from_array(np.ascontiguousarray(load(weight)), weight.name))
+            replacement = quantizer.quantize(node, [scratch])
+            made_tensors = list(scratch.initializer[1:])
+            del scratch
+        for made in made_tensors:
+            packed = made.data_type in _PACKED
+            graph.initializer.append(
+                _store_packed(made, store) if packed else store(numpy_helper.to_array(made), made.name)
+            )
+        nodes.extend(replacement)
+        quantized_weights.add(weight.name)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    still_read = {name for node in graph.node for name in node.input}
+    kept_inits = [t for t in graph.initializer if t.name not in quantized_weights or t.name in still_read]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept_inits)
+    _set_opset(model, "com.microsoft", 1)
+    if gathers:  # int4 tensors need opset 21 and IR version 10 (as MatMulNBitsQuantizer.process sets them)
+        _set_opset(model, "", 21, at_least=True)
+        model.ir_version = max(model.ir_version, 10)
+    counts = {op: sum(1 for n in graph.node if n.op_type == op) for op in ("MatMulNBits", "GatherBlockQuantized")}
     result.matmuls, result.gathers = counts["MatMulNBits"], counts["GatherBlockQuantized"]
     if result.matmuls != len(matmuls) or result.gathers != len(gathers):
         raise ExportError(
-            f"quantizing {source.name}: expected {len(matmuls)} MatMulNBits and {len(gathers)} GatherBlockQuantized "
-            f"nodes, got {result.matmuls} and {result.gathers}; please report this model and your onnxruntime version"
+            f"quantizing {graph.name or 'a graph'}: expected {len(matmuls)} MatMulNBits and {len(gathers)} "
+            f"GatherBlockQuantized nodes, got {result.matmuls} and {result.gathers}; please report this model and "
+            "your onnxruntime version"
         )
-    result.bytes_after = _initializer_bytes(model.graph)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(
-        model,
-        str(target),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=target.name + ".data",
-        size_threshold=1024,
+    result.bytes_after = sum(_tensor_bytes(t) for t in graph.initializer)
+    return result
+
+
+def _quantize_gather(
+    node: onnx.NodeProto, data: np.ndarray, name: str, config: QuantizeConfig, quantizer: Any
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """`DefaultWeightOnlyQuantizer.quantize_gather` on an array instead of a TensorProto (same quantization call,
+    same names and attributes: a test holds the result equal to MatMulNBitsQuantizer's)."""
+    rank = data.ndim
+    quantize_axis = (1 + rank) % rank  # quant_axes: ("Gather", 1)
+    quantized, scales, zero_points = quantizer.quantize_ndarray(
+        data, quantize_axis, config.block_size, config.symmetric
     )
+    qtype = onnx.TensorProto.INT4 if config.symmetric else onnx.TensorProto.UINT4
+    tensors = [
+        onnx.helper.make_tensor(f"{name}_Q4", qtype, data.shape, quantized.tobytes(), True),
+        numpy_helper.from_array(scales, f"{name}_scales"),
+    ]
+    inputs = [tensors[0].name, node.input[1], tensors[1].name]
+    if not config.symmetric:
+        tensors.append(onnx.helper.make_tensor(f"{name}_zero_points", qtype, scales.shape, zero_points.tobytes(), True))
+        inputs.append(tensors[2].name)
+    try:
+        gather_axis = onnx.helper.get_node_attr_value(node, "axis")
+    except ValueError:
+        gather_axis = 0
+    gathered = onnx.helper.make_node(
+        "GatherBlockQuantized",
+        inputs=inputs,
+        outputs=[node.output[0]],
+        name=node.name + "_Q4" if node.name else "",
+        domain="com.microsoft",
+        gather_axis=gather_axis,
+        quantize_axis=quantize_axis,
+        block_size=config.block_size,
+    )
+    return [gathered], tensors
+
+
+#: Element types numpy cannot hold unpacked (the quantizer writes them as raw packed bytes).
+_PACKED = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
+def _store_packed(tensor: onnx.TensorProto, store: Store) -> onnx.TensorProto:
+    """Write an int4 tensor's packed bytes as they are and keep its element type."""
+    holder = store(np.frombuffer(tensor.raw_data, dtype=np.uint8), tensor.name)
+    holder.data_type = tensor.data_type
+    del holder.dims[:]
+    holder.dims.extend(tensor.dims)
+    return holder
+
+
+def _set_opset(model: onnx.ModelProto, domain: str, version: int, at_least: bool = False) -> None:
+    for entry in model.opset_import:
+        if entry.domain == domain or (domain == "" and entry.domain == "ai.onnx"):
+            entry.version = max(entry.version, version) if at_least else version
+            return
+    model.opset_import.add(domain=domain, version=version)
+
+
+def quantize_graph(source: Path, target: Path, config: QuantizeConfig) -> GraphQuantization:
+    """Quantize the graph file ``source`` into ``target``, weights in ``<target>.data`` beside it (memory-mapped by
+    ONNX Runtime, like the float32 export's), reading the float weights one at a time."""
+    from vlm_export.exporter.deferred_weights import WeightSink
+
+    model = onnx.load(str(source), load_external_data=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sink = WeightSink(target.parent / f"{target.name}.data")
+    try:
+
+        def load(tensor: onnx.TensorProto) -> np.ndarray:
+            sink.flush()  # a weight this pass wrote (a Gemm's transpose) may be read back
+            base = target.parent if tensor.name in sink.written else source.parent
+            return numpy_helper.to_array(tensor, base_dir=str(base))
+
+        result = quantize_weights(model, load, sink.store, config)
+        for tensor in model.graph.initializer:  # the float weights left as they are: copied one at a time
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name not in sink.written:
+                sink.write(
+                    tensor, np.ascontiguousarray(numpy_helper.to_array(tensor, base_dir=str(source.parent))).tobytes()
+                )
+    finally:
+        sink.close()
+    onnx.save(model, str(target))
     logger.info(
         "%s: %d MatMulNBits, %d GatherBlockQuantized, weights %.1f -> %.1f MB",
         source.stem,
@@ -302,7 +436,7 @@ def quantize_graph_dynamic_int8(source: Path, target: Path) -> GraphQuantization
     model = onnx.load(str(source), load_external_data=True)
     _name_nodes(model.graph)
     result = GraphQuantization(bytes_before=_initializer_bytes(model.graph))
-    _gemm_to_matmul(model.graph)
+    _gemm_to_matmul(model.graph, numpy_helper.to_array, numpy_helper.from_array)
     matmuls, _, kept = _targets(model.graph, 8)
     result.kept_float = [k for k in kept if "Gather" not in k]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -417,4 +551,37 @@ def quantize_export(folder: Path, manifest: Any, config: QuantizeConfig) -> dict
         agreement.positions,
         agreement.top5,
     )
+    return record
+
+
+def weight_only_graphs(config: QuantizeConfig) -> tuple[str, ...]:
+    """The graphs `config` quantizes weight-only (the others get dynamic int8, see DYNAMIC_INT8_GRAPHS)."""
+    return tuple(name for name in config.graphs if name not in DYNAMIC_INT8_GRAPHS)
+
+
+def finish_streamed_quantization(
+    folder: Path,
+    manifest: Any,
+    config: QuantizeConfig,
+    per_graph: dict[str, GraphQuantization],
+    agreement: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest record of an export whose weight-only graphs were quantized while written (a model verified on a
+    depth-reduced copy): the dynamic-int8 graphs are quantized now, and the agreement with float32 is the one
+    measured on that copy (the float32 graphs of the whole model were never written)."""
+    side = folder / ".quantized"
+    for name in config.graphs:
+        if name not in DYNAMIC_INT8_GRAPHS:
+            continue
+        info = manifest.graphs[name]
+        per_graph[name] = quantize_graph_dynamic_int8(folder / info.file, side / info.file)
+        for path in graph_files(folder, info.file):
+            path.unlink()
+        for path in graph_files(side, info.file):
+            path.rename(folder / path.name)
+    if side.exists():
+        side.rmdir()
+    record = manifest_record(config, per_graph)
+    if agreement:
+        record["agreement_vs_float32"] = {"measured_on": "the depth-reduced copy (manifest: verification)", **agreement}
     return record

@@ -13,6 +13,16 @@ from vlm_export.errors import ExportError
 from vlm_export.graphs.registry import GraphSpec
 
 
+def non_finite_message(graph: str, output: str, dtype: np.dtype) -> str:
+    if dtype == np.float16:
+        return (
+            f"the float16 {graph} graph overflows: its output {output} has inf/NaN where transformers' is finite "
+            "(activations past float16's 65504); export with --dtype float32, or build TensorRT engines in "
+            "bfloat16 / float32 from a float32 export"
+        )
+    return f"the {graph} graph's output {output} has inf/NaN where transformers' is finite; please report this model"
+
+
 def verify_graph(spec: GraphSpec, onnx_path: Path) -> float:
     """Return the max abs difference over all verification inputs and outputs.
 
@@ -40,6 +50,8 @@ def verify_graph(spec: GraphSpec, onnx_path: Path) -> float:
                     f"{spec.name} output {name} has shape {got.shape} in ONNX Runtime but {want.shape} in "
                     f"transformers (verification input {index})"
                 )
+            if not np.isfinite(got).all() and np.isfinite(want).all():
+                raise ExportError(non_finite_message(spec.name, name, got.dtype))
             diff = float(np.abs(got.astype(np.float32) - want).max()) if got.size else 0.0
             scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
             worst = max(worst, diff)

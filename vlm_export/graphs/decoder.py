@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_export.graphs.registry import PROMOTED_DOMAIN
+from vlm_export.graphs.registry import PROMOTED_DOMAIN, ROWS_ATTRIBUTE, SOURCE_ATTRIBUTE
 
 #: ONNX opset of the decoder graph: `TensorScatter` is new in opset 24.
 DECODER_OPSET = 24
@@ -114,6 +114,11 @@ class VocabSlicedLinear(nn.Module):
         pieces = -(-weight.numel() * weight.element_size() // slice_bytes)
         rows = -(-weight.shape[0] // pieces)
         self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weight.split(rows))
+        source = getattr(linear.weight, SOURCE_ATTRIBUTE, None)
+        if source is not None:  # a weightless model's: the exporter reads each slice's rows of the source
+            for index, piece in enumerate(self.weights):
+                setattr(piece, SOURCE_ATTRIBUTE, source)
+                setattr(piece, ROWS_ATTRIBUTE, (index * rows, index * rows + piece.shape[0]))
         bias = linear.bias
         self.biases = (
             None

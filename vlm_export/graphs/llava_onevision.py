@@ -20,7 +20,9 @@ from torch import nn
 from torch.export import Dim
 from transformers import LlavaOnevisionForConditionalGeneration
 
+from vlm_export.errors import ExportError
 from vlm_export.graphs.decoder import DecoderWithCache, decoder_spec
+from vlm_export.graphs.depth import LayerSelection, ends, reduce_text_config
 from vlm_export.graphs.embedding import embedding_spec
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
 from vlm_export.runtime.families.llava_onevision.packing import LlavaPackingConfig
@@ -71,9 +73,32 @@ class LlavaCropEncoder(nn.Module):
 class LlavaOnevisionGraphs:
     name = "llava_onevision"
     model_types = ("llava_onevision",)
+    model_class: Any = LlavaOnevisionForConditionalGeneration
+    #: Checkpoint keys of the text layers and SigLIP layers, hub and transformers 5 layouts (depth reduction).
+    text_layer_keys = r"^(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\."
+    vision_layer_keys = r"^(?:model\.)?vision_tower\.vision_model\.encoder\.layers\.(\d+)\."
+
+    def reduce_depth(self, config: Any) -> list[LayerSelection]:
+        """Keep the first and last text layers, and the first SigLIP layer and the one the features come from."""
+        text_keep = ends(config.text_config.num_hidden_layers)
+        reduce_text_config(config.text_config, text_keep)
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ExportError("depth reduction of a model with several vision feature layers is not supported")
+        total = config.vision_config.num_hidden_layers
+        position = layer if layer >= 0 else total + 1 + layer  # index into hidden_states (0 = the embeddings)
+        if position < 1:
+            raise ExportError(f"vision_feature_layer {layer} selects the embeddings; nothing to reduce")
+        vision_keep = sorted({0, position - 1})
+        config.vision_config.num_hidden_layers = len(vision_keep)
+        config.vision_feature_layer = len(vision_keep) if layer >= 0 else -1
+        return [
+            LayerSelection("text layers", self.text_layer_keys, text_keep),
+            LayerSelection("vision layers", self.vision_layer_keys, vision_keep),
+        ]
 
     def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        model = self.model_class.from_pretrained(
             model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, use_safetensors=True
         )
         return model.eval()

@@ -20,6 +20,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 
 from vlm_export.graphs.attention import vision_block_with_segments
 from vlm_export.graphs.decoder import DecoderWithCache, decoder_spec
+from vlm_export.graphs.depth import LayerSelection, ends, reduce_text_config
 from vlm_export.graphs.embedding import embedding_spec
 from vlm_export.graphs.patch_embed import patch_embed_as_linear
 from vlm_export.graphs.registry import GraphSpec, register_graph_family
@@ -119,6 +120,26 @@ class Qwen2_5_VLGraphs:
     # The video processor AutoVideoProcessor builds for this family: class defaults and sampling rules.
     video_defaults: dict[str, Any] = QWEN2_VL_VIDEO_DEFAULTS
     video_sampler = "qwen2_vl"
+
+    #: Checkpoint keys of the text layers and vision blocks, hub and transformers 5 layouts (depth reduction).
+    text_layer_keys = r"^(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
+    vision_block_keys = r"^(?:model\.)?visual\.blocks\.(\d+)\."
+
+    def reduce_depth(self, config: Any) -> list[LayerSelection]:
+        """Keep the first and last text layers, and a window-attention and a full-attention vision block."""
+        text_keep = ends(config.text_config.num_hidden_layers)
+        reduce_text_config(config.text_config, text_keep)
+        vc = config.vision_config
+        full = list(vc.fullatt_block_indexes)
+        vision_keep = sorted({0, full[0]}) if full else ends(vc.depth)
+        if len(vision_keep) == 1 and vc.depth > 1:  # block 0 is a full-attention one: add a window block
+            vision_keep = [0, 1]
+        vc.fullatt_block_indexes = [vision_keep.index(i) for i in full if i in vision_keep]
+        vc.depth = len(vision_keep)
+        return [
+            LayerSelection("text layers", self.text_layer_keys, text_keep),
+            LayerSelection("vision blocks", self.vision_block_keys, vision_keep),
+        ]
 
     def load_model(self, model_dir: Path, dtype: torch.dtype) -> nn.Module:
         model = self.model_class.from_pretrained(

@@ -28,6 +28,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 
 from vlm_export.graphs.attention import vision_block_with_segments
 from vlm_export.graphs.decoder import DecoderWithCache, ExtraDecoderInputs, decoder_spec
+from vlm_export.graphs.depth import LayerSelection, ends, reduce_text_config
 from vlm_export.graphs.moe import apply_moe_form, moe_form
 from vlm_export.graphs.patch_embed import patch_embed_as_linear
 from vlm_export.graphs.qwen2_5_vl import Qwen2_5_VLGraphs
@@ -155,6 +156,24 @@ class Qwen3VLGraphs(Qwen2_5_VLGraphs):
     model_class: Any = Qwen3VLForConditionalGeneration
     video_defaults: dict[str, Any] = QWEN3_VL_VIDEO_DEFAULTS
     video_sampler = "qwen3_vl"
+    deepstack_merger_keys = r"^(?:model\.)?visual\.deepstack_merger_list\.(\d+)\."
+
+    def reduce_depth(self, config: Any) -> list[LayerSelection]:
+        """Keep the first and last text layers, the first vision block and the first DeepStack tap."""
+        text_keep = ends(config.text_config.num_hidden_layers)
+        reduce_text_config(config.text_config, text_keep)
+        vc = config.vision_config
+        tap = vc.deepstack_visual_indexes[0]
+        vision_keep = sorted({0, tap}) if vc.depth > 1 else [0]
+        if len(vision_keep) == 1 and vc.depth > 1:
+            vision_keep = [0, 1]
+        vc.deepstack_visual_indexes = [vision_keep.index(tap)]
+        vc.depth = len(vision_keep)
+        return [
+            LayerSelection("text layers", self.text_layer_keys, text_keep),
+            LayerSelection("vision blocks", self.vision_block_keys, vision_keep),
+            LayerSelection("DeepStack mergers", self.deepstack_merger_keys, [0]),
+        ]
 
     def _vision_spec(self, model: nn.Module, dtype: torch.dtype) -> GraphSpec:
         visual = model.model.visual
@@ -233,8 +252,12 @@ class Qwen3VLMoeGraphs(Qwen3VLGraphs):
 
     def load_model(self, model_dir: Path, dtype: torch.dtype, moe_form: str = DEFAULT_MOE_FORM) -> nn.Module:
         model = super().load_model(model_dir, dtype)
-        apply_moe_form(model, moe_form)  # transformers' default grouped_mm does not export (see graphs/moe.py)
+        self.prepare_model(model, moe_form)
         return model
+
+    def prepare_model(self, model: nn.Module, moe_form: str = DEFAULT_MOE_FORM) -> None:
+        """The export options' changes to a built model (real or weightless)."""
+        apply_moe_form(model, moe_form)  # transformers' default grouped_mm does not export (see graphs/moe.py)
 
     def _text_extras(self, text_config: Any) -> dict[str, Any]:
         return {

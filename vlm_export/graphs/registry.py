@@ -23,6 +23,11 @@ from vlm_export.errors import UnsupportedModelError
 #: TensorScatter here, then the default-domain opset is raised: no op our graphs use changed meaning in 24.
 PROMOTED_DOMAIN = "vlm_export.promoted"
 
+#: Attributes of a weightless model's FakeTensor parameters (exporter/weightless.py): the model parameter a graph
+#: weight is read from, and, for a parameter a graph wrapper slices out of another (VocabSlicedLinear), its rows.
+SOURCE_ATTRIBUTE = "vlm_export_source"
+ROWS_ATTRIBUTE = "vlm_export_rows"
+
 
 @dataclass
 class GraphSpec:

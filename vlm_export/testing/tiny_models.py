@@ -306,6 +306,32 @@ def _write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def write_qwen2_5_vl_hub_files(
+    out: Path,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    top: dict[str, Any],
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    weights_dtype: str = "float32",
+) -> None:
+    """Everything of a Qwen2.5-VL hub repo but the weights: config.json (flat pre-v5 form), generation config,
+    tokenizer, chat template and preprocessor config (used by the tiny builder and tools/make_model.py)."""
+    config = _hub_config_json(text, vision, top)
+    config["torch_dtype"] = weights_dtype
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {**QWEN2_5_VL_GENERATION_CONFIG, "transformers_version": "4.37.0"})
+    write_qwen2_tokenizer(out, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    _write_json(out / "chat_template.json", {"chat_template": QWEN2_5_VL_CHAT_TEMPLATE})
+    preprocessor = {
+        **_image_processor_kwargs(min_pixels, max_pixels),
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    _write_json(out / "preprocessor_config.json", preprocessor)
+
+
 def build_tiny_qwen2_5_vl(
     out_dir: str | Path,
     *,
@@ -364,16 +390,7 @@ def build_tiny_qwen2_5_vl(
     model.save_pretrained(out, max_shard_size=shard)
 
     if layout == "hub":
-        _write_json(out / "config.json", _hub_config_json(text, vision, top))
-        _write_json(out / "generation_config.json", {**QWEN2_5_VL_GENERATION_CONFIG, "transformers_version": "4.37.0"})
-        write_qwen2_tokenizer(out, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
-        _write_json(out / "chat_template.json", {"chat_template": QWEN2_5_VL_CHAT_TEMPLATE})
-        preprocessor = {
-            **_image_processor_kwargs(min_pixels, max_pixels),
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
-        }
-        _write_json(out / "preprocessor_config.json", preprocessor)
+        write_qwen2_5_vl_hub_files(out, text, vision, top, min_pixels=min_pixels, max_pixels=max_pixels)
     else:
         from transformers import AutoTokenizer
 
