@@ -34,7 +34,7 @@ from vlm_export.exporter.quantize import (
     quantize_weights,
     weight_only_graphs,
 )
-from vlm_export.exporter.reduced_verification import verify_reduced
+from vlm_export.exporter.reduced_verification import reduced_scratch_bytes, verify_reduced
 from vlm_export.exporter.resources import GB, available_memory, check_disk_space, log_memory
 from vlm_export.exporter.verify import verify_graph
 from vlm_export.exporter.weightless import build_weightless, parameter_count
@@ -180,11 +180,13 @@ def export_model(
         weightless, weights = build_weightless(family, model_dir, checkpoint, torch_dtype, options)
         parameters = parameter_count(weightless)
         depth = _verification_depth(verify, parameters * 4)
-        check_disk_space(output.parent, _written_bytes(parameters, dtype, quantize), "the export")
+        needed = _written_bytes(parameters, dtype, quantize)
+        if depth == "reduced":  # its scratch folder is gone before the graphs are written: the larger counts
+            needed = max(needed, reduced_scratch_bytes(family, model_dir, dtype))
+        check_disk_space(output.parent, needed, "the export")
         seconds["load"] = time.perf_counter() - start
         log_memory("building the weightless model")
         steps.update()
-        raise_if_interrupted()
         range_check = None
         if dtype == "float16":  # fail before writing anything when float16 cannot hold the activations
             steps.set_postfix_str("float16 range check (full depth, float32)")
@@ -197,6 +199,14 @@ def export_model(
                     "TensorRT engines in bfloat16 / float32 from a float32 export"
                 )
             log_memory("float16 range check")
+            raise_if_interrupted()
+        reduced_record = None
+        if depth == "reduced":  # first: a failure shows in minutes, and its scratch space is free again after
+            steps.set_postfix_str("verifying a depth-reduced copy")
+            start = time.perf_counter()
+            reduced_record = verify_reduced(family, model_dir, checkpoint, output, dtype, options, quantize)
+            seconds["verify"] = time.perf_counter() - start
+            log_memory("verifying a depth-reduced copy")
             raise_if_interrupted()
         # Quantize while writing only when the float graphs will not exist to verify in full and compare with.
         stream_quantize = quantize if depth == "reduced" else None
@@ -248,17 +258,16 @@ def export_model(
         steps.update()
         raise_if_interrupted()
         start = time.perf_counter()
-        if depth == "full":
+        if reduced_record is None:
             steps.set_postfix_str("verifying against transformers")
             manifest.verification = _verify_full(family, model_dir, torch_dtype, options, staging, graphs)
+            seconds["verify"] = time.perf_counter() - start
         else:
-            steps.set_postfix_str("verifying a depth-reduced copy")
-            manifest.verification = verify_reduced(family, model_dir, checkpoint, output, dtype, options, quantize)
-            for name, record in manifest.verification["graphs"].items():
+            manifest.verification = reduced_record
+            for name, record in reduced_record["graphs"].items():
                 graphs[name].max_abs_diff = record["max_abs_diff"]
         if range_check is not None:
             manifest.verification["float16_range"] = range_check
-        seconds["verify"] = time.perf_counter() - start
         log_memory("verification")
         steps.update()
         raise_if_interrupted()

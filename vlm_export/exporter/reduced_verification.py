@@ -18,6 +18,26 @@ from vlm_export.exporter.weightless import model_config
 logger = logging.getLogger(__name__)
 
 
+#: Bytes of scratch disk per parameter of the reduced copy: its checkpoint (bfloat16: 2), its
+#: float32 export (4) and, while it is quantized, an int4 copy beside it (under 1).
+SCRATCH_BYTES_PER_PARAMETER = 7
+
+
+def reduced_scratch_bytes(family: Any, model_dir: Path, dtype: str) -> int:
+    """Disk the depth-reduced copy and its export take while the verification runs."""
+    import torch
+
+    from vlm_export.exporter.weightless import parameter_count, weightless_model
+
+    reduce = getattr(family, "reduce_depth", None)
+    if reduce is None:
+        return 0
+    config = model_config(family.model_class, model_dir)
+    reduce(config)
+    reduced = weightless_model(family.model_class, config, torch.float32)
+    return parameter_count(reduced) * SCRATCH_BYTES_PER_PARAMETER
+
+
 def verify_reduced(
     family: Any,
     model_dir: Path,

@@ -98,8 +98,10 @@ def load_small_tensors(model: nn.Module, weights: Any, dtype: torch.dtype) -> No
 
 
 def model_config(model_class: Any, model_dir: Path) -> Any:
-    """The model's config as `from_pretrained` reads it (no remote code)."""
-    return model_class.config_class.from_pretrained(model_dir, trust_remote_code=False)
+    """The model's config as `from_pretrained` reads it (no remote code), naming the folder as it does."""
+    config = model_class.config_class.from_pretrained(model_dir, trust_remote_code=False)
+    config.name_or_path = str(model_dir)
+    return config
 
 
 def build_weightless(
