@@ -102,3 +102,36 @@ def test_cli_refuses_a_bad_folder_in_one_line(tmp_path, capsys):
     assert err.startswith("vlm-serve: error:") and "\n" not in err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--max-batch", "0"])
+
+
+def test_remote_fetch_has_a_time_cap():
+    import http.server
+    import threading
+    import time
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            for _ in range(10):
+                time.sleep(0.2)
+                self.wfile.write(b"x")
+                self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/slow"
+        policy = MediaPolicy(allow_remote=True, timeout_s=0.5)
+        start = time.monotonic()
+        with pytest.raises(APIError, match=r"took longer than 0\.5 s"):
+            asyncio.run(fetch_remote(url, policy, "p"))
+        assert time.monotonic() - start < 1.5
+        assert asyncio.run(fetch_remote(url, MediaPolicy(allow_remote=True, timeout_s=5), "p")) == b"x" * 10
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -120,7 +120,7 @@ async def fetch_remote(url: str, policy: MediaPolicy, param: str) -> bytes:
 
     try:
         return await asyncio.wait_for(download(), timeout=policy.timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # noqa: UP041 (the builtin TimeoutError is not this before Python 3.11)
         raise bad_request(f"{param}: fetching {url} took longer than {policy.timeout_s:g} s", param=param) from None
     except httpx.HTTPError as error:
         raise bad_request(f"{param}: cannot fetch {url}: {type(error).__name__}: {error}", param=param) from None
