@@ -93,3 +93,19 @@ def test_cancelled_sequence_leaves_and_others_continue(qwen2_5_vl_pipe):
         tokens["b"].append(events[0].token)
     assert tokens["b"] == pipe.generate(_text("two"), max_new_tokens=10, do_sample=False).token_ids
     assert first_a.sequence.finish_reason == "cancelled" and first_b.sequence.finish_reason == "length"
+
+
+@pytest.mark.parametrize("export", ["exported_qwen3_vl", "exported_llava_onevision"])
+def test_other_families_join_and_keep_their_tokens(request, export, image):
+    """Qwen3-VL (DeepStack decoder inputs, rope deltas) and LLaVA-OneVision (no decode state) batch the same way."""
+    from vlm_export.runtime import VLMPipeline
+
+    pipe = VLMPipeline.from_pretrained(request.getfixturevalue(export))
+    requests = [
+        (_with_image(image, "What is this?"), {"max_new_tokens": 8, "do_sample": False}),
+        (_text("Hello there, a longer text prompt"), {"max_new_tokens": 9, "do_sample": False}),
+        (_text("Hi"), {"max_new_tokens": 5, "do_sample": False}),
+    ]
+    got = _run(pipe, requests, joins_at=[0, 2, 3])
+    for k, (conversation, settings) in enumerate(requests):
+        assert got[k] == pipe.generate(conversation, **settings).token_ids, f"request {k}"

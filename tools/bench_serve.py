@@ -15,9 +15,9 @@ of --clients-max distinct questions, so rows of different lengths share a batch)
 `vlm-serve` on the vlm-export folder of that checkpoint with --max-batch = the largest --clients. Without
 --checkpoint (or without llama_cpp installed) only ours runs.
 
-Measured per wave (N clients each send one request at the same moment), median over --rounds rounds; the rounds
-interleave the two servers (ours first in odd rounds, llama.cpp first in even ones) so a busy spell on a shared
-machine hits both:
+Measured per wave (N clients each send one request at the same moment), median over --rounds rounds; each wave
+size runs on the two servers back to back (ours first in odd rounds, llama.cpp first in even ones), so a busy spell
+on a shared machine hits both sides of a pair:
   tok/s        completion tokens of the wave / wall time from the first request sent to the last token received
   TTFT p50/p95 request sent -> first content chunk, over the wave's requests
   ITL p50      per request (time of last chunk - time of first chunk) / (completion tokens - 1): the inter-token
@@ -149,6 +149,7 @@ async def wave(server: Server, questions: list[str], new_tokens: int, sequential
         "itl_p50": statistics.median(itls) if itls else None,
         "busy": busy,
         "tokens": [r["tokens"] for r in results],
+        "empty": sum(r["tokens"] == 0 for r in results),  # answered with no token: a server that dropped requests
         "texts": [r["text"] for r in results],
     }
 
@@ -175,7 +176,8 @@ def start_llama(args: argparse.Namespace, port: int) -> Server | None:
     gguf = bench_peers.convert_llama(text_dir, args.work, "fp32", src, args.threads)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
-    command += ["--n_ctx", "4096", "--model_alias", "llama"]
+    # interrupt_requests defaults to True: a new request would cut the one being answered (0 tokens for the others)
+    command += ["--n_ctx", "4096", "--model_alias", "llama", "--interrupt_requests", "False"]
     return Server("llama.cpp", command, port, "/v1/models", args.work / "logs" / "llama-server.log", "llama")
 
 
@@ -204,7 +206,12 @@ def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
         pairs = zip(ours["8"], ours["seq8"], strict=True)
         same = [sum(a == b for a, b in zip(c["texts"], s["texts"], strict=True)) for c, s in pairs]
         target = {"ratio_per_round": ratios, "ratio": statistics.median(ratios), "identical_per_round": same}
-    return {"table": table, "target": target}
+    versus = {}
+    for name, rounds in ours.items():
+        theirs = raw.get("llama", {}).get(name)
+        if theirs:
+            versus[name] = statistics.median(o["tok_s"] / t["tok_s"] for o, t in zip(rounds, theirs, strict=True))
+    return {"table": table, "target": target, "ours_over_llama": versus}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -222,13 +229,10 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{side:<10} {name:>8} {fmt(row['tok_s'], digits=1):>8} {fmt(row['ttft_p50']):>8}s "
                 f"{fmt(row['ttft_p95']):>8}s {fmt(row['itl_p50'], 1000, 0):>7}ms {fmt(row['busy']):>6}"
             )
-    if "ours" in table and "llama" in table:
-        pairs = [
-            f"{n}: {table['ours'][n]['tok_s'] / table['llama'][n]['tok_s']:.2f}x"
-            for n in table["ours"]
-            if n in table["llama"] and table["llama"][n]["tok_s"]
-        ]
-        print("throughput ours / llama.cpp: " + ", ".join(pairs))
+    versus = report["summary"].get("ours_over_llama")
+    if versus:
+        pairs = ", ".join(f"{n} clients {r:.2f}x" for n, r in versus.items())
+        print(f"throughput ours / llama.cpp (median of the rounds' paired waves): {pairs}")
     target = report["summary"]["target"]
     if target:
         rounds = ", ".join(f"{r:.2f}x" for r in target["ratio_per_round"])
@@ -281,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 bench_peers.wait_until_idle(args.wait_idle)
             order = list(servers) if index % 2 == 0 else list(reversed(servers))
-            for side in order:
-                waves = [(str(c), QUESTIONS[:c], False) for c in args.clients]
-                if side == "ours" and 8 in args.clients:
-                    waves.append(("seq8", QUESTIONS[:8], True))
-                for name, questions, sequential in waves:
+            waves = [(str(c), QUESTIONS[:c], False) for c in args.clients]
+            if 8 in args.clients:
+                waves.append(("seq8", QUESTIONS[:8], True))
+            for name, questions, sequential in waves:
+                for side in order:  # the two servers' waves of one size back to back: the pair sees the same load
+                    if name == "seq8" and side != "ours":
+                        continue
                     result = asyncio.run(wave(servers[side], questions, args.new_tokens, sequential))
                     raw[side].setdefault(name, []).append(result)
                     line = (
