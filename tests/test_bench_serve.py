@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import load_tool
 
 pytest.importorskip("openai", reason="bench_serve drives the servers with the openai client (the 'dev' extra)")
