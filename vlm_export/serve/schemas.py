@@ -123,10 +123,6 @@ class ChatCompletionRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-def known_fields() -> set[str]:
-    return set(ChatCompletionRequest.model_fields)
-
-
 # -- responses (plain dicts: exactly OpenAI's field names, nothing optional left out) ---------------------------
 
 
