@@ -109,23 +109,25 @@ async def one_request(client, model: str, question: str, new_tokens: int) -> dic
     sent = time.perf_counter()
     stream = await client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": question}],
+        # an explicit system message: the two servers' chat templates then differ at most in their markup
+        messages=[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": question}],
         max_tokens=new_tokens,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
     )
-    times, pieces, tokens = [], [], None
+    times, pieces, tokens, prompt = [], [], None, None
     async for chunk in stream:
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
         if chunk.choices and chunk.choices[0].delta.content:
             times.append(time.perf_counter())
             pieces.append(chunk.choices[0].delta.content)
     tokens = tokens if tokens is not None else len(times)
     itl = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None
     ttft = times[0] - sent if times else None
-    return {"text": "".join(pieces), "tokens": tokens, "ttft": ttft, "itl": itl, "end": times[-1] if times else sent}
+    end = times[-1] if times else sent
+    return {"text": "".join(pieces), "tokens": tokens, "prompt": prompt, "ttft": ttft, "itl": itl, "end": end}
 
 
 async def wave(server: Server, questions: list[str], new_tokens: int, sequential: bool) -> dict[str, Any]:
@@ -149,6 +151,7 @@ async def wave(server: Server, questions: list[str], new_tokens: int, sequential
         "itl_p50": statistics.median(itls) if itls else None,
         "busy": busy,
         "tokens": [r["tokens"] for r in results],
+        "prompt_tokens": [r["prompt"] for r in results],
         "empty": sum(r["tokens"] == 0 for r in results),  # answered with no token: a server that dropped requests
         "texts": [r["text"] for r in results],
     }
