@@ -24,6 +24,8 @@ on a shared machine hits both sides of a pair:
                latency a client sees
   busy         the server process's CPU seconds / wall seconds over the wave (/proc): well below --threads means
                another process took the cores
+  tok/CPU-s    tokens / the server's CPU seconds: what it made of the cores it got, steadier than tok/s when
+               neighbours take the cores (a server that spins while waiting scores lower)
 Target (issue 19): ours with 8 concurrent greedy requests >= 2x the token throughput of the same 8 sent one after
 another (the "seq8" wave), and each concurrent answer identical to its sequential one (`same`).
 """
@@ -198,10 +200,12 @@ def median_of(rounds: list[dict[str, Any]], key: str) -> float | None:
 def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     table = {}
     for side, waves in raw.items():
-        table[side] = {
-            name: {k: median_of(rounds, k) for k in ("tok_s", "ttft_p50", "ttft_p95", "itl_p50", "busy")}
-            for name, rounds in waves.items()
-        }
+        table[side] = {}
+        for name, rounds in waves.items():
+            row = {k: median_of(rounds, k) for k in ("tok_s", "ttft_p50", "ttft_p95", "itl_p50", "busy")}
+            # tokens per CPU-second of the server: what a wave made of the cores it got (robust to neighbours)
+            row["tok_cpu_s"] = statistics.median(r["tok_s"] / r["busy"] for r in rounds if r["busy"])
+            table[side][name] = row
     ours = raw.get("ours", {})
     target = None
     if "8" in ours and "seq8" in ours:
@@ -220,7 +224,8 @@ def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
 def print_report(report: dict[str, Any]) -> None:
     meta = report["meta"]
     print(f"\n{meta['when']} | {meta['cpu']} | {meta['threads']} threads per server | {meta['new_tokens']} new tokens")
-    print(f"{'server':<10} {'clients':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>9} {'busy':>6}")
+    header = f"{'server':<10} {'clients':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>9} {'busy':>6}"
+    print(header + f" {'tok/CPU-s':>10}")
     table = report["summary"]["table"]
 
     def fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -230,12 +235,17 @@ def print_report(report: dict[str, Any]) -> None:
         for name, row in waves.items():
             print(
                 f"{side:<10} {name:>8} {fmt(row['tok_s'], digits=1):>8} {fmt(row['ttft_p50']):>8}s "
-                f"{fmt(row['ttft_p95']):>8}s {fmt(row['itl_p50'], 1000, 0):>7}ms {fmt(row['busy']):>6}"
+                f"{fmt(row['ttft_p95']):>8}s {fmt(row['itl_p50'], 1000, 0):>7}ms {fmt(row['busy']):>6} "
+                f"{fmt(row.get('tok_cpu_s'), digits=1):>10}"
             )
     versus = report["summary"].get("ours_over_llama")
     if versus:
         pairs = ", ".join(f"{n} clients {r:.2f}x" for n, r in versus.items())
         print(f"throughput ours / llama.cpp (median of the rounds' paired waves): {pairs}")
+        per_cpu = ", ".join(
+            f"{n} clients {table['ours'][n]['tok_cpu_s'] / table['llama'][n]['tok_cpu_s']:.2f}x" for n in versus
+        )
+        print(f"tokens per CPU-second ours / llama.cpp: {per_cpu}")
     target = report["summary"]["target"]
     if target:
         rounds = ", ".join(f"{r:.2f}x" for r in target["ratio_per_round"])
@@ -264,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="print the report saved in --json")
     args = parser.parse_args(argv)
     if args.show:
-        print_report(json.loads(args.json.read_text()))
+        report = json.loads(args.json.read_text())
+        report["summary"] = summarise(report["raw"])
+        print_report(report)
         return 0
     if args.export is None:
         parser.error("give the vlm-export folder to serve")
