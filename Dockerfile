@@ -13,6 +13,13 @@
 #     docker run --runtime nvidia -v /data/q3:/model vlm-export:jetson \
 #       sh -c 'vlm-export build-engines /model && vlm-run /model --backend trt --prompt "Hello"'
 #
+#   Both images serve by default: mount an export at /model and publish port 8000 (OpenAI-compatible API; /health
+#   is the readiness probe: 503 until the model is loaded; the Jetson image serves with --backend trt, so build the
+#   engines once first, as above). Pass vlm-serve flags after the image name to override:
+#     docker run --gpus all -p 8000:8000 -v "$PWD/out/q3:/model" vlm-export:gpu
+#     docker run --gpus all -p 8000:8000 -v "$PWD/out/q3:/model" vlm-export:gpu \
+#       vlm-serve /model --host 0.0.0.0 --backend trt --api-key "$KEY"
+#
 # TARGET selects the final stage (BuildKit, the default builder since Docker 23, builds only that stage;
 # `--target image-gpu|image-jetson` does the same).
 ARG TARGET=gpu
@@ -28,11 +35,12 @@ COPY vlm_export ./vlm_export
 # onnxruntime-gpu replaces the CPU onnxruntime (both install the same `onnxruntime` package).
 RUN python3 -m pip install --upgrade pip \
  && python3 -m pip install -c constraints.txt --index-url https://download.pytorch.org/whl/cpu torch torchvision \
- && python3 -m pip install -c constraints.txt ".[export]" "polygraphy>=0.49" \
+ && python3 -m pip install -c constraints.txt ".[export,serve]" "polygraphy>=0.49" \
  && python3 -m pip uninstall -y onnxruntime \
  && python3 -m pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.22" \
  && python3 -c "import tensorrt, polygraphy, onnxruntime; print('TensorRT', tensorrt.__version__, onnxruntime.get_available_providers())"
-CMD ["vlm-run", "--help"]
+EXPOSE 8000
+CMD ["vlm-serve", "/model", "--host", "0.0.0.0", "--port", "8000", "--backend", "ort-cuda"]
 
 # -- Jetson: the torch-free runtime, TensorRT from JetPack, engines built on the device
 FROM ${JETSON_BASE} AS image-jetson
@@ -48,8 +56,9 @@ COPY vlm_export ./vlm_export
 # built for JetPack 6's system Python 3.10; the package declares 3.11+ (what its tests run on), hence
 # --ignore-requires-python: the runtime code has no 3.11-only syntax, but it is not tested on 3.10.
 RUN python3 -m pip install --upgrade pip \
- && python3 -m pip install --ignore-requires-python . "onnx>=1.20" "polygraphy>=0.49" \
+ && python3 -m pip install --ignore-requires-python ".[serve]" "onnx>=1.20" "polygraphy>=0.49" \
  && python3 -c "import tensorrt, polygraphy; print('TensorRT', tensorrt.__version__)"
-CMD ["vlm-run", "--help"]
+EXPOSE 8000
+CMD ["vlm-serve", "/model", "--host", "0.0.0.0", "--port", "8000", "--backend", "trt"]
 
 FROM image-${TARGET}

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[export,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[export,dev,serve]"

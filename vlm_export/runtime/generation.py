@@ -61,7 +61,7 @@ class Generator:
         self.present_names = [n for n in decoder.output_names() if n.startswith("present.")]
 
     # -- checks -------------------------------------------------------------------------------------
-    def _check_limits(self, prompts: list[list[int]]) -> None:
+    def check_limits(self, prompts: list[list[int]]) -> None:
         limits = self.manifest.limits
         if limits.max_batch is not None and len(prompts) > limits.max_batch:
             raise InputError(
@@ -108,12 +108,40 @@ class Generator:
             out[name] = value.astype(want) if want is not None and value.dtype != want else value
         return out
 
+    def max_new_tokens(self, requested: int, prompt_length: int) -> int:
+        """`requested` new tokens, capped by what the export's sequence limit leaves after the prompt."""
+        limit = self.manifest.limits.max_seq_len
+        return requested if limit is None else min(requested, limit - prompt_length)
+
+    def prefill(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        visual: VisualBatch,
+        max_new: int,
+        timings: dict[str, float],
+    ) -> CachedDecoding:
+        """Vision encoder, embedding merge and decoder prefill of left-padded prompts: the decoding whose
+        `logits()` give the first new token. Adds load_s, vision_s and prefill_s to `timings`."""
+        start = time.perf_counter()
+        if not visual.empty:
+            # The vision encoder loads on the first request with media (seconds): reported apart from its run.
+            self.sessions["vision_encoder"]
+        timings["load_s"] = time.perf_counter() - start
+        vision_start = time.perf_counter()
+        vision_outputs = self._vision(input_ids, visual)
+        timings["vision_s"] = time.perf_counter() - vision_start
+        prefill_start = time.perf_counter()
+        decoding = CachedDecoding(self, input_ids, attention_mask, visual, vision_outputs, max_new)
+        timings["prefill_s"] = time.perf_counter() - prefill_start
+        return decoding
+
     # -- loop ---------------------------------------------------------------------------------------
     def steps(
         self, prompts: list[list[int]], visual: VisualBatch, settings: GenerationSettings
     ) -> Iterator[StepEvent | GenerationOutput]:
         """Yield a `StepEvent` per generated position, then the `GenerationOutput`."""
-        self._check_limits(prompts)
+        self.check_limits(prompts)
         batch = len(prompts)
         longest = max(len(p) for p in prompts)
         pad_id = settings.resolved_pad_token_id
@@ -123,22 +151,8 @@ class Generator:
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        if not visual.empty:
-            # The vision encoder loads on the first request with media (seconds): reported apart from its run.
-            self.sessions["vision_encoder"]
-        timings["load_s"] = time.perf_counter() - start
-        vision_start = time.perf_counter()
-        vision_outputs = self._vision(input_ids, visual)
-        timings["vision_s"] = time.perf_counter() - vision_start
-
-        max_new = settings.max_new_tokens
-        limit = self.manifest.limits.max_seq_len
-        if limit is not None:
-            max_new = min(max_new, limit - longest)
-
-        prefill_start = time.perf_counter()
-        decoding = CachedDecoding(self, input_ids, attention_mask, visual, vision_outputs, max_new)
-        timings["prefill_s"] = time.perf_counter() - prefill_start
+        max_new = self.max_new_tokens(settings.max_new_tokens, longest)
+        decoding = self.prefill(input_ids, attention_mask, visual, max_new, timings)
         timings["ttft_s"] = time.perf_counter() - start
 
         selector = TokenSelector(settings)
@@ -236,6 +250,33 @@ class CachedDecoding:
         }
         feeds.update(generator.family.decoder_feeds(input_ids, vision_outputs))
         self._run(feeds)
+
+    @classmethod
+    def resume(
+        cls,
+        generator: Generator,
+        cache: dict[str, Any],
+        attention_mask: np.ndarray,
+        state: Any,
+        capacity: int,
+        max_new: int,
+    ) -> CachedDecoding:
+        """A decoding assembled from parts instead of a prefill (sequences that joined or left a running batch):
+        `cache` holds the `past` buffers (capacity `capacity`, the first `attention_mask.shape[1]` positions
+        filled), `state` the family's decode state for these rows, `max_new` the most tokens any row still needs.
+        Call `advance` next; `logits()` is only valid after it."""
+        self = cls.__new__(cls)
+        self.generator = generator
+        self.embedding, self.decoder = generator.sessions["embedding"], generator.sessions["decoder"]
+        self.prompt_length, self.max_new = attention_mask.shape[1], max(max_new, 1)
+        self.capacity = capacity
+        self.cache = dict(cache)
+        self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
+        self.no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
+        self.attention_mask = attention_mask
+        self.state = state
+        self.outputs = {}
+        return self
 
     def _cache_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.generator.kv_heads, self.capacity, self.generator.head_dim)

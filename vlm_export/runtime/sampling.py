@@ -443,3 +443,30 @@ class StopChecker:
         if self.num_generated >= self.max_new_tokens:
             self.unfinished[:] = False
         return tokens
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, top_n: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-probabilities under the model's raw distribution (log-softmax of the logits, before repetition
+    penalty, temperature or top-k/p: the model's own belief, comparable across sampling settings, as vLLM's
+    default `raw_logprobs`).
+
+    Returns the chosen `tokens`' logprobs [B] and the `top_n` most likely ids [B, top_n] with their logprobs
+    [B, top_n], most likely first (ties: lower id first).
+    """
+    scores = np.asarray(logits, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"expected logits [B, V], got {scores.shape}")
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    rows = np.arange(scores.shape[0])
+    chosen = logprobs[rows, np.asarray(tokens, dtype=np.int64)]
+    top_n = min(max(int(top_n), 0), scores.shape[1])
+    if top_n == 0:
+        empty = np.zeros((scores.shape[0], 0))
+        return chosen.astype(np.float32), empty.astype(np.int64), empty.astype(np.float32)
+    part = np.argpartition(-logprobs, top_n - 1, axis=-1)[:, :top_n]
+    # Sort the candidates: by logprob descending, then id ascending.
+    order = np.lexsort((part, -np.take_along_axis(logprobs, part, axis=-1)), axis=-1)
+    top_ids = np.take_along_axis(part, order, axis=-1)
+    top = np.take_along_axis(logprobs, top_ids, axis=-1)
+    return chosen.astype(np.float32), top_ids.astype(np.int64), top.astype(np.float32)

@@ -38,6 +38,13 @@ class GraphSession(Protocol):
         is already at least that large (an engine's fixed cache capacity) comes back as it is."""
         ...
 
+    def upload(self, name: str, array: np.ndarray) -> Any:
+        """A buffer for graph input `name`, as `allocate` makes it, holding the host `array` (cast to the input's
+        element type; a fixed axis larger than the array's is zero-filled beyond it). For a cache assembled on the
+        host: sequences joining or leaving a running batch. A backend may reuse the buffer `allocate` or `upload`
+        gave earlier for the same name: copy what is still needed to the host first."""
+        ...
+
     def to_numpy(self, value: Any) -> np.ndarray:
         """Copy one value to a host numpy array."""
         ...

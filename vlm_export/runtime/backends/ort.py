@@ -109,6 +109,13 @@ class OrtSession:
         zeros = np.zeros(shape, dtype=dtype)  # finite: masked slots still enter attention's weighted sum as 0 * x
         return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self.device_id)
 
+    def upload(self, name: str, array: np.ndarray) -> ort.OrtValue:
+        dtype = _NUMPY_TYPES[self._input_types[name]]
+        host = np.ascontiguousarray(array, dtype=dtype)  # on the CPU the OrtValue wraps it: a new array, not a view
+        if host is array:
+            host = array.copy()
+        return ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
+
     def grow(self, buffer: ort.OrtValue, shape: tuple[int, ...]) -> ort.OrtValue:
         if all(have >= want for have, want in zip(buffer.shape(), shape, strict=True)):
             return buffer

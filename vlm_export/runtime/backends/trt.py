@@ -239,6 +239,16 @@ class TrtSession:
     def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
         """Zeros for input `name` (reusing this input's previous buffer); axes every profile fixes take that
         size (a KVCacheUpdate cache must have a static capacity)."""
+        return self._write(name, np.zeros(self._fixed_shape(name, shape), dtype=self.dtypes[name]))
+
+    def upload(self, name: str, array: np.ndarray) -> GpuTensor:
+        """`array` in this input's buffer (the one `allocate` gives), zero-padded along axes the engine fixes."""
+        host = np.zeros(self._fixed_shape(name, array.shape), dtype=self.dtypes[name])
+        host[tuple(slice(0, n) for n in array.shape)] = array
+        return self._write(name, host)
+
+    def _fixed_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """`shape` with every axis that all profiles fix (min = max) set to that size."""
         if name not in self.inputs:
             raise BackendError(f"{self.name}: the engine has no input {name}")
         fixed = []
@@ -246,15 +256,16 @@ class TrtSession:
             lows = {int(r[name][0][dim]) for r in self.ranges}
             highs = {int(r[name][2][dim]) for r in self.ranges}
             fixed.append(lows.pop() if len(lows) == 1 and lows == highs else wanted)
-        dtype = self.dtypes[name]
-        zeros = np.zeros(tuple(fixed), dtype=dtype)
+        return tuple(fixed)
+
+    def _write(self, name: str, host: np.ndarray) -> GpuTensor:
         buffer = self.allocated.get(name)
         if buffer is None:
             buffer = self.allocated[name] = self.backend.cuda.DeviceArray.raw((0,))
-        self._grow(buffer, zeros.nbytes)
+        self._grow(buffer, host.nbytes)
         cuda = self.backend.cuda
-        cuda.wrapper().memcpy(buffer.ptr, zeros.ctypes.data, zeros.nbytes, cuda.MemcpyKind.HostToDevice)
-        return GpuTensor(buffer.ptr, zeros.shape, dtype)
+        cuda.wrapper().memcpy(buffer.ptr, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice)
+        return GpuTensor(buffer.ptr, host.shape, host.dtype)
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, GpuTensor]:
