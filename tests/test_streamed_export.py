@@ -71,11 +71,15 @@ def _ops(path):
 def test_weightless_export_equals_the_in_memory_export(fixture, request, tmp_path, monkeypatch):
     """Same ops, and bit-identical outputs on the verification inputs, for every graph. The lm_head is cut into
     vocabulary slices here (as at real sizes), so the slices' rows are read from the tied embedding table."""
+    import vlm_export.exporter.weightless as weightless_module
     import vlm_export.graphs.decoder as decoder_module
     from vlm_export.exporter.model_source import read_model_type
     from vlm_export.exporter.onnx_export import export_graph
 
     monkeypatch.setattr(decoder_module, "LM_HEAD_SLICE_BYTES", 8 << 20)  # the tiny 39 MB table -> 5 slices
+    # Every parameter above 1 KB weightless (at real sizes, all matrices are): the tiny model's would all be read
+    # for real under the default threshold, and the lazily folded weights would go untested.
+    monkeypatch.setattr(weightless_module, "REAL_PARAMETER_BYTES", 1024)
     model_dir = request.getfixturevalue(fixture)
     family = graph_family_for(read_model_type(model_dir))
     reference = family.load_model(model_dir, torch.float32)
@@ -226,3 +230,32 @@ def test_float16_export_refuses_activations_float16_cannot_hold(tiny_qwen2_5_vl_
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "float16 cannot hold" in err and "language_model.layers.1" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loud"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_5_vl_dir", "tiny_qwen3_vl_moe_dir"])
+def test_on_demand_reference_equals_the_loaded_model(fixture, request, monkeypatch):
+    """transformers' forward on the weightless model, each module reading its weights for its own call (how models
+    too large to load beside their graphs are verified at full depth), is bit-identical to the loaded model's;
+    Qwen3-VL-MoE's export form replaces the MoE block's forward, which reads its experts' weights directly."""
+    import vlm_export.exporter.weightless as weightless_module
+    from vlm_export.exporter.activation_scan import OnDemandWeights
+    from vlm_export.exporter.model_source import read_model_type
+
+    monkeypatch.setattr(weightless_module, "REAL_PARAMETER_BYTES", 1024)  # see the test above
+    model_dir = request.getfixturevalue(fixture)
+    family = graph_family_for(read_model_type(model_dir))
+    loaded = family.load_model(model_dir, torch.float32)
+    weightless, weights = _weightless(family, model_dir)
+    hooks = OnDemandWeights(weightless, weights)
+    pairs = zip(family.graph_specs(loaded, torch.float32), family.graph_specs(weightless, torch.float32), strict=True)
+    with torch.no_grad():
+        for want_spec, got_spec in pairs:
+            for want_feeds, got_feeds in zip(want_spec.verify_feeds, got_spec.verify_feeds, strict=True):
+                for want, got in zip(want_spec.reference(want_feeds), got_spec.reference(got_feeds), strict=True):
+                    assert torch.equal(want, got), want_spec.name
+    hooks.remove()
+    fake = [type(p.data).__name__ == "FakeTensor" for p in weightless.model.language_model.layers.parameters()]
+    assert sum(fake) > len(fake) // 2, "the layers' weights must be weightless for the test to mean anything"
+    assert all(
+        type(p.data).__name__ == "FakeTensor" for p in weightless.model.language_model.layers[0].mlp.parameters()
+    )

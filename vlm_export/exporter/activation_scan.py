@@ -37,7 +37,9 @@ class ActivationPeak:
 
 class OnDemandWeights:
     """Hooks that give each module with weightless parameters its checkpoint values only while it runs, and
-    record every module's largest output magnitude."""
+    record every module's largest output magnitude. transformers' own forward of a weightless model then runs at
+    full depth holding one module's weights (the range check here; the exporter's verification of models too large
+    to load beside their graphs)."""
 
     def __init__(self, model: nn.Module, weights: Any, dtype: torch.dtype = torch.float32):
         self.weights = weights
@@ -47,26 +49,34 @@ class OnDemandWeights:
         for name, param in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(param), name)
         self._handles = []
+        units = [name for name, module in model.named_modules() if name and "forward" in vars(module)]
         for name, module in model.named_modules():
-            fake = [key for key, p in module._parameters.items() if p is not None and is_fake(p)]
+            if any(name.startswith(unit + ".") for unit in units):
+                fake: list[tuple[nn.Module, str]] = []  # its patched ancestor gives it its weights
+            elif name in units:  # a forward replaced on the instance (an export form) may read any descendant's
+                fake = [
+                    (m, k) for m in module.modules() for k, p in m._parameters.items() if p is not None and is_fake(p)
+                ]
+            else:
+                fake = [(module, k) for k, p in module._parameters.items() if p is not None and is_fake(p)]
             if fake:
                 self._handles.append(module.register_forward_pre_hook(self._materialize(fake)))
-            self._handles.append(module.register_forward_hook(self._record(name, fake)))
+            self._handles.append(module.register_forward_hook(self._record(name, bool(fake))))
 
-    def _materialize(self, keys: list[str]):
+    def _materialize(self, slots: list[tuple[nn.Module, str]]):
         def hook(module: nn.Module, args: Any) -> None:
-            module._vlm_fake = {k: module._parameters[k] for k in keys}  # type: ignore[attr-defined]
-            for key in keys:
-                real = self.weights.read(self._names[id(module._parameters[key])], self.dtype)
-                module._parameters[key] = nn.Parameter(real, requires_grad=False)
+            module._vlm_fake = [(owner, key, owner._parameters[key]) for owner, key in slots]  # type: ignore[attr-defined]
+            for owner, key in slots:
+                real = self.weights.read(self._names[id(owner._parameters[key])], self.dtype)
+                owner._parameters[key] = nn.Parameter(real, requires_grad=False)
 
         return hook
 
-    def _record(self, name: str, keys: list[str]):
+    def _record(self, name: str, materialized: bool):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            for key, fake in getattr(module, "_vlm_fake", {}).items():
-                module._parameters[key] = fake
-            if keys:
+            if materialized:
+                for owner, key, fake in module._vlm_fake:
+                    owner._parameters[key] = fake
                 del module._vlm_fake
             for tensor in _tensors(output):
                 if tensor.is_floating_point() and tensor.numel():

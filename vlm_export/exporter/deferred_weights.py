@@ -154,10 +154,20 @@ def transposed(recipe: Recipe, perm: list[int] | None) -> Recipe:
     return run
 
 
-def parameter_recipe(weights: WeightReader, source: str, dtype: Any, rows: tuple[int, int] | None) -> Recipe:
-    """Read model parameter `source` (rows `start:stop` of it when given) as a numpy array of `dtype`."""
+def parameter_recipe(
+    weights: WeightReader,
+    source: str,
+    dtype: Any,
+    rows: tuple[int, int] | None = None,
+    derive: Callable[[Any], Any] | None = None,
+) -> Recipe:
+    """Read model parameter `source` (rows `start:stop` of it, or `derive` of it, when given) as a numpy array of
+    `dtype`."""
 
     def run() -> np.ndarray:
-        return weights.read(source, dtype, rows=rows).contiguous().numpy()
+        tensor = weights.read(source, dtype, rows=rows)
+        if derive is not None:
+            tensor = derive(tensor)
+        return tensor.contiguous().numpy()
 
     return run

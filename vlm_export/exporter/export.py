@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import vlm_export
 from vlm_export.errors import ExportError
-from vlm_export.exporter.activation_scan import FLOAT16_MAX, scan_activations
+from vlm_export.exporter.activation_scan import FLOAT16_MAX, OnDemandWeights, scan_activations
 from vlm_export.exporter.assets import copy_assets, find_image_processor_config
 from vlm_export.exporter.checkpoint import validate_checkpoint
 from vlm_export.exporter.interrupts import raise_if_interrupted
@@ -84,28 +84,48 @@ def _check_transformers(allow_untested: bool) -> None:
         logger.warning("%s; continuing because --allow-untested-transformers was given", message)
 
 
-#: --verify: "full" compares every graph with transformers' forward of the whole model (which must fit in memory
-#: beside each graph's ONNX Runtime session); "reduced" compares the same graph code on a depth-reduced copy with the
-#: model's own weights (`reduced_verification`); "auto" picks full when it fits.
+#: --verify: "full" compares every graph with transformers' forward of the whole model; "reduced" compares the same
+#: graph code on a depth-reduced copy with the model's own weights (`reduced_verification`); "auto" picks full when
+#: it fits in memory.
 VERIFY_MODES = ("auto", "full", "reduced")
-#: Resident memory of full verification, per byte of parameters: transformers' model plus the graph being checked
-#: (ONNX Runtime pre-packs its matrices) plus activations.
-FULL_VERIFY_MEMORY_FACTOR = 2.3
+#: Resident memory of full verification with transformers' model loaded, per byte of float32 parameters: the model
+#: plus the graph being checked (ONNX Runtime pre-packs its matrices) plus activations.
+LOADED_REFERENCE_FACTOR = 2.3
+#: ... and with the reference run on the weightless model, each module's weights read for its own call
+#: (`activation_scan.OnDemandWeights`) and ONNX Runtime multiplying from the memory-mapped graph weights.
+ON_DEMAND_REFERENCE_FACTOR = 1.15
+HEADROOM = 1.5 * GB
 
 
-def _verification_depth(mode: str, parameter_bytes: int) -> str:
-    if mode != "auto":
-        return mode
-    needed = FULL_VERIFY_MEMORY_FACTOR * parameter_bytes + 1.5 * GB
+@dataclass
+class VerificationPlan:
+    depth: str  # "full" | "reduced"
+    reference: str = "loaded"  # full depth: "loaded" (transformers' model in memory) | "on_demand"
+
+
+def _verification_plan(mode: str, reference: str, model: Any, dtype: str, quantize: QuantizeConfig | None):
+    """How to verify: at full depth with transformers' model loaded when both fit, else at full depth with its
+    weights read per module (slower, the graph's size in memory), else on a depth-reduced copy. A quantized
+    export compares its agreement with the float32 graphs, which then must fit too: else it is verified reduced."""
+    if mode == "reduced":
+        return VerificationPlan("reduced")
+    float32_bytes = parameter_count(model) * 4
+    graph_bytes = parameter_count(model) * (2 if dtype == "float16" else 4)
+    largest = max(p.numel() for p in model.parameters()) * 4
     available = available_memory()
-    if needed <= available:
-        return "full"
+    loaded_fits = LOADED_REFERENCE_FACTOR * float32_bytes + HEADROOM <= available
+    on_demand_fits = ON_DEMAND_REFERENCE_FACTOR * graph_bytes + 2 * largest + HEADROOM <= available
+    if reference == "on_demand" or (reference == "auto" and not loaded_fits and quantize is None):
+        if on_demand_fits or mode == "full":
+            return VerificationPlan("full", "on_demand")
+    elif loaded_fits or mode == "full":
+        return VerificationPlan("full", "loaded")
     logger.info(
         "full-depth verification needs ~%.1f GB of memory, %.1f GB are available: verifying on a depth-reduced copy",
-        needed / GB,
+        (ON_DEMAND_REFERENCE_FACTOR * graph_bytes + 2 * largest + HEADROOM) / GB,
         available / GB,
     )
-    return "reduced"
+    return VerificationPlan("reduced")
 
 
 def _written_bytes(parameters: int, dtype: str, quantize: QuantizeConfig | None) -> int:
@@ -131,6 +151,7 @@ def export_model(
     moe_form: str | None = None,
     quantize: QuantizeConfig | None = None,
     verify: str = "auto",
+    reference: str = "auto",
 ) -> ExportResult:
     """Export `model` (folder or hub id) into `output`; returns the manifest written there.
 
@@ -138,7 +159,8 @@ def export_model(
     weight, not the model). They are verified against transformers at full depth when the model fits in memory
     beside them, else on a depth-reduced copy (`verify`). With `quantize`, weight-only quantization happens while
     the weights are written when the float graphs are not verified in full, else after verification (so the
-    quantized export's agreement with the verified float32 one can be measured).
+    quantized export's agreement with the verified float32 one can be measured). `reference` ("auto", "loaded",
+    "on_demand") says how transformers' side of a full-depth verification holds the weights.
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
@@ -179,7 +201,8 @@ def export_model(
         start = time.perf_counter()
         weightless, weights = build_weightless(family, model_dir, checkpoint, torch_dtype, options)
         parameters = parameter_count(weightless)
-        depth = _verification_depth(verify, parameters * 4)
+        plan = _verification_plan(verify, reference, weightless, dtype, quantize)
+        depth = plan.depth
         needed = _written_bytes(parameters, dtype, quantize)
         if depth == "reduced":  # its scratch folder is gone before the graphs are written: the larger counts
             needed = max(needed, reduced_scratch_bytes(family, model_dir, dtype))
@@ -260,7 +283,9 @@ def export_model(
         start = time.perf_counter()
         if reduced_record is None:
             steps.set_postfix_str("verifying against transformers")
-            manifest.verification = _verify_full(family, model_dir, torch_dtype, options, staging, graphs)
+            manifest.verification = _verify_full(
+                family, model_dir, checkpoint, torch_dtype, options, staging, graphs, plan.reference
+            )
             seconds["verify"] = time.perf_counter() - start
         else:
             manifest.verification = reduced_record
@@ -295,22 +320,39 @@ def export_model(
 
 
 def _verify_full(
-    family: Any, model_dir: Path, dtype: torch.dtype, options: dict[str, str], folder: Path, graphs: dict
+    family: Any,
+    model_dir: Path,
+    checkpoint: list[Path],
+    dtype: torch.dtype,
+    options: dict[str, str],
+    folder: Path,
+    graphs: dict,
+    reference: str,
 ) -> dict[str, Any]:
-    """Every graph against transformers' forward of the whole model; returns the manifest's record."""
+    """Every graph against transformers' forward of the whole model; returns the manifest's record. With
+    `reference` "on_demand" transformers runs on the weightless model, each module reading its weights for its own
+    call, and ONNX Runtime multiplies from the memory-mapped weights: memory is about the graph, not twice it."""
+    hooks = None
+    if reference == "on_demand":
+        model, weights = build_weightless(family, model_dir, checkpoint, dtype, options)
+        hooks = OnDemandWeights(model, weights, dtype)
+    else:
+        try:
+            model = family.load_model(model_dir, dtype, **options)
+        except (OSError, ValueError) as error:
+            raise ExportError(f"cannot load {model_dir} with transformers to verify the export: {error}") from None
+    log_memory(f"loading transformers' model to verify against ({reference})")
+    record: dict[str, Any] = {"depth": "full", "reference": reference, "graphs": {}}
     try:
-        reference = family.load_model(model_dir, dtype, **options)
-    except (OSError, ValueError) as error:
-        raise ExportError(f"cannot load {model_dir} with transformers to verify the export: {error}") from None
-    record: dict[str, Any] = {"depth": "full", "graphs": {}}
-    for spec in family.graph_specs(reference, dtype):
-        diff = verify_graph(spec, folder / graphs[spec.name].file)
-        graphs[spec.name].max_abs_diff = diff
-        record["graphs"][spec.name] = {
-            "max_abs_diff": diff,
-            "tolerance": spec.tolerance,
-            "cases": len(spec.verify_feeds),
-        }
-        logger.info("%s: max abs diff vs transformers %.3g", spec.name, diff)
-        raise_if_interrupted()
+        for spec in family.graph_specs(model, dtype):
+            diff = verify_graph(spec, folder / graphs[spec.name].file, prepack=reference != "on_demand")
+            graphs[spec.name].max_abs_diff = diff
+            cases = len(spec.verify_feeds)
+            record["graphs"][spec.name] = {"max_abs_diff": diff, "tolerance": spec.tolerance, "cases": cases}
+            logger.info("%s: max abs diff vs transformers %.3g", spec.name, diff)
+            log_memory(f"verifying {spec.name}")
+            raise_if_interrupted()
+    finally:
+        if hooks is not None:
+            hooks.remove()
     return record

@@ -27,7 +27,13 @@ from vlm_export.exporter.deferred_weights import (
     transposed,
 )
 from vlm_export.exporter.fuse_matmuls import fuse_sibling_matmuls
-from vlm_export.graphs.registry import PROMOTED_DOMAIN, ROWS_ATTRIBUTE, SOURCE_ATTRIBUTE, GraphSpec
+from vlm_export.graphs.registry import (
+    DERIVE_ATTRIBUTE,
+    PROMOTED_DOMAIN,
+    ROWS_ATTRIBUTE,
+    SOURCE_ATTRIBUTE,
+    GraphSpec,
+)
 from vlm_export.manifest import GraphInfo, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -216,16 +222,18 @@ def bind_fake_weights(model: ir.Model, module: torch.nn.Module, weights: WeightR
     """Give every FakeTensor initializer a lazy recipe reading its parameter from `weights`; returns how many."""
     from vlm_export.exporter.weightless import is_fake
 
-    parameters = dict(module.named_parameters(remove_duplicate=False))
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))  # views a graph form derives (MoE experts)
     bound = 0
     for value in model.graph.initializers.values():
         if not is_fake(getattr(value.const_value, "raw", None)):
             continue
-        param = parameters.get(value.name)
-        source = getattr(param, SOURCE_ATTRIBUTE, None)
-        if param is None or source is None or weights is None:
+        tensor = tensors.get(value.name)
+        source = getattr(tensor, SOURCE_ATTRIBUTE, None)
+        if tensor is None or source is None or weights is None:
             raise ExportError(f"the traced graph's weight {value.name} has no known source in the checkpoint")
-        recipe = parameter_recipe(weights, source, param.dtype, getattr(param, ROWS_ATTRIBUTE, None))
+        rows = getattr(tensor, ROWS_ATTRIBUTE, None)
+        recipe = parameter_recipe(weights, source, tensor.dtype, rows, getattr(tensor, DERIVE_ATTRIBUTE, None))
         value.const_value = _lazy(recipe, value)
         bound += 1
     return bound

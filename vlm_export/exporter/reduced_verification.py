@@ -68,6 +68,7 @@ def verify_reduced(
             dtype=dtype,
             quantize=quantize,
             verify="full",
+            reference="on_demand",  # the copy keeps the whole embedding and lm_head: not loaded twice
             progress=False,
             moe_form=options.get("moe_form"),
             allow_untested_transformers=True,

@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_export.graphs.registry import derived_from
+
 logger = logging.getLogger(__name__)
 
 MOE_FORMS = ("batched_mm", "dense", "ort_moe")
@@ -237,11 +239,12 @@ def apply_moe_form(model: nn.Module, form: str) -> None:
         for _, block in blocks:
             experts = block.experts
             if form == "ort_moe":
-                experts.register_buffer(
-                    FC1_INTERLEAVED, interleaved_gate_up_view(experts.gate_up_proj), persistent=False
-                )
+                view = interleaved_gate_up_view(experts.gate_up_proj)
+                view = derived_from(view, experts.gate_up_proj, interleaved_gate_up_view)
+                experts.register_buffer(FC1_INTERLEAVED, view, persistent=False)
             else:
-                experts.register_buffer(DOWN_STACKED, stacked_down_view(experts.down_proj), persistent=False)
+                view = derived_from(stacked_down_view(experts.down_proj), experts.down_proj, stacked_down_view)
+                experts.register_buffer(DOWN_STACKED, view, persistent=False)
             block.forward = types.MethodType(_EXPORT_FORWARDS[form], block)
     for _, block in blocks:
         setattr(block, _FORM_ATTR, form)

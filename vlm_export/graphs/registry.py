@@ -27,6 +27,19 @@ PROMOTED_DOMAIN = "vlm_export.promoted"
 #: weight is read from, and, for a parameter a graph wrapper slices out of another (VocabSlicedLinear), its rows.
 SOURCE_ATTRIBUTE = "vlm_export_source"
 ROWS_ATTRIBUTE = "vlm_export_rows"
+#: ... and for a tensor a graph form derives from a parameter (a view: MoE's interleaved or stacked experts), the
+#: function that derives it from the source's values.
+DERIVE_ATTRIBUTE = "vlm_export_derive"
+
+
+def derived_from(tensor: Any, source: Any, derive: Callable[[Any], Any]) -> Any:
+    """Mark `tensor` (= `derive(source)`) as derived from a weightless model's parameter `source`, so the exporter
+    writes it from the checkpoint; a no-op for real parameters."""
+    name = getattr(source, SOURCE_ATTRIBUTE, None)
+    if name is not None:
+        setattr(tensor, SOURCE_ATTRIBUTE, name)
+        setattr(tensor, DERIVE_ATTRIBUTE, derive)
+    return tensor
 
 
 @dataclass
