@@ -296,6 +296,94 @@ def test_decomposed_graphs_match_for_older_tensorrt(exported, tmp_path):
     assert worst <= 2e-5, worst
 
 
+def _random_feeds(info, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in info.inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.name == "attention_mask":
+            value = np.ones(shape, np.int64)
+            value[-1, :2] = 0
+        elif tensor.name == "position_ids":
+            value = np.broadcast_to(np.arange(shape[-1]) + dims["total_sequence"] - shape[-1], shape).astype(np.int64)
+        elif tensor.dtype == "bool":
+            value = np.zeros(shape, bool)
+        else:
+            value = rng.standard_normal(shape).astype(np.float32)
+        feeds[tensor.name] = value
+    return feeds
+
+
+def _without_trt_attributes(source: Path, target: Path) -> Path:
+    """The TensorRT copy with its TensorRT-private attributes dropped, which ONNX Runtime refuses."""
+    import onnx
+
+    from vlm_export.exporter.trt_ops import TRT_DECOMPOSABLE
+
+    model = onnx.load(str(source), load_external_data=False)
+    for node in model.graph.node:
+        kept = [a for a in node.attribute if a.name != TRT_DECOMPOSABLE]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_tensorrt_copy_pins_the_cache_and_marks_attention(exported_qwen2_5_vl, tmp_path):
+    """The decoder TensorRT builds from: cache capacity fixed (KVCacheUpdate needs a static s_max), batch still
+    symbolic, every Attention node decomposable; otherwise the same graph (same numbers on ONNX Runtime)."""
+    import onnx
+    import onnxruntime as ort
+
+    from vlm_export.exporter.trt_ops import TRT_DECOMPOSABLE, tensorrt_copy
+
+    manifest = Manifest.load(exported_qwen2_5_vl)
+    work = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, work)
+    source, target = work / "decoder.onnx", work / "decoder.trt.onnx"
+    report = tensorrt_copy(source, target, [], cache_capacity=16)
+    assert report.changed and report.cache_capacity == 16 and not report.rewritten
+    model = onnx.load(str(target), load_external_data=False)
+    caches = [v for v in [*model.graph.input, *model.graph.output] if v.name.startswith(("past_", "present."))]
+    assert len(caches) == 4 * int(manifest.text["num_layers"])
+    for value in caches:
+        dims = value.type.tensor_type.shape.dim
+        assert dims[2].dim_value == 16 and not dims[2].dim_param and dims[0].dim_param == "batch", value.name
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == report.decomposable_attention == int(manifest.text["num_layers"])
+    assert all({a.name: a.i for a in n.attribute}[TRT_DECOMPOSABLE] == 1 for n in attention)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    plain = _without_trt_attributes(target, work / "decoder.plain.onnx")
+    dims = {"batch": 2, "sequence": 3, "cache_capacity": 16, "total_sequence": 7, "num_visual_tokens": 0}
+    feeds = _random_feeds(manifest.graphs["decoder"], dims)
+    want = ort.InferenceSession(str(source), options).run(None, feeds)
+    got = ort.InferenceSession(str(plain), options).run(None, feeds)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(want, got, strict=True)) == 0.0
+    dims["cache_capacity"] = 9  # the copy takes no other capacity
+    with pytest.raises(Exception, match=r"(?i)dimension|shape"):
+        ort.InferenceSession(str(plain), options).run(None, _random_feeds(manifest.graphs["decoder"], dims))
+
+    # a graph with nothing to change gets no copy
+    embedding = tensorrt_copy(work / "embedding.onnx", work / "embedding.trt.onnx", [], cache_capacity=None)
+    assert not embedding.changed and not (work / "embedding.trt.onnx").exists()
+    # the rewritten decoder (TensorRT < 10.15) keeps a symbolic capacity and has no Attention node left
+    rewritten = tensorrt_copy(source, target, ["Attention", "TensorScatter"], cache_capacity=None)
+    assert rewritten.rewritten == ["Attention", "TensorScatter"] and rewritten.decomposable_attention == 0
+    model = onnx.load(str(target), load_external_data=False)
+    assert model.graph.input[-1].type.tensor_type.shape.dim[2].dim_param == "cache_capacity"
+
+
+def test_heads_packed_attention_is_rewritten_below_10_15(exported_qwen2_5_vl):
+    from vlm_export.exporter.trt_ops import check_graph
+
+    vision = exported_qwen2_5_vl / "vision_encoder.onnx"
+    assert "Attention" in check_graph(vision, "10.14").decomposable  # [segments, length, heads * head_dim]
+    assert "Attention" not in check_graph(vision, "10.15").unsupported
+    assert "Attention" not in check_graph(exported_qwen2_5_vl / "decoder.onnx", "10.14").unsupported  # 4-D
+
+
 def test_check_ops_reports_without_tensorrt(exported_qwen2_5_vl, exported_qwen3_vl_moe, capsys):
     from vlm_export.exporter.cli import main
 

@@ -200,7 +200,7 @@ def build_engines(
     """Build `<graph>.engine` for each graph of an exported folder and record them in its manifest."""
     from tqdm import tqdm
 
-    from vlm_export.exporter.trt_ops import DECOMPOSABLE, check_graph, decompose
+    from vlm_export.exporter.trt_ops import DECOMPOSABLE, check_graph, tensorrt_copy
     from vlm_export.runtime.backends.trt import compute_capability
 
     folder = Path(folder).expanduser().resolve()
@@ -216,7 +216,6 @@ def build_engines(
         max_image_pixels=max_image_pixels,
         max_images=max_images,
     )
-    profiles = engine_profiles(manifest, folder, limits)
     names = graphs or list(manifest.graphs)
     unknown = [n for n in names if n not in manifest.graphs]
     if unknown:
@@ -233,20 +232,26 @@ def build_engines(
     problems = [f"{name}: {why}" for name, r in reports.items() for why in [*r.blocking.values(), *r.restrictions]]
     if problems:  # before building anything
         raise EngineBuildError(f"TensorRT {trt.__version__} cannot import this export: {'; '.join(problems)}")
+    rewrites = {}
+    for name, report in reports.items():
+        present = {op for domain, op in report.ops if domain in ("", "ai.onnx")}
+        rewrites[name] = report.decomposable if ops == "auto" else sorted(present & set(DECOMPOSABLE))
+    profiles = engine_profiles(manifest, folder, limits)
     if not graphs and ENGINE_KEY in manifest.engines:  # a failed rebuild must not leave stale engines described
         del manifest.engines[ENGINE_KEY]
         manifest.save(folder)
     timing_cache = folder / TIMING_CACHE
     for name in tqdm(names, desc="engines", unit="graph", disable=not progress, leave=False):
         onnx_path = folder / manifest.graphs[name].file
-        report = reports[name]
-        present = {op for domain, op in report.ops if domain in ("", "ai.onnx")}
-        rewrite = report.decomposable if ops == "auto" else sorted(present & set(DECOMPOSABLE))
-        source, rewritten = onnx_path, []
-        if rewrite:
-            source = onnx_path.with_name(f"{name}.trt.onnx")
-            rewritten = decompose(onnx_path, source, rewrite)
+        source = onnx_path.with_name(f"{name}.trt.onnx")
+        # an in-place KVCacheUpdate needs a static capacity (a rewritten TensorScatter does not)
+        capacity = limits.max_seq_len if name == "decoder" and "TensorScatter" not in rewrites[name] else None
+        copy = tensorrt_copy(onnx_path, source, rewrites[name], cache_capacity=capacity)
+        rewritten = copy.rewritten
+        if rewritten:
             logger.info("%s: rewrote %s into primitive ONNX ops for TensorRT %s", name, rewritten, trt.__version__)
+        if not copy.changed:
+            source = onnx_path
         engine_path = folder / f"{name}.engine"
         start = time.perf_counter()
         try:
