@@ -127,9 +127,16 @@ def test_precision_rules():
     assert resolve_precision("auto", "float16") == ("fp16", True)
     assert resolve_precision("auto", "float32") == ("fp32", True)
     assert resolve_precision("bf16", "float32") == ("bf16", False)
-    assert resolve_precision("fp16", "float32") == ("fp16", False)
+    assert resolve_precision("fp16", "float32", "10.16.1.11") == ("fp16", False)
     with pytest.raises(EngineBuildError, match="needs a float32 export"):
         resolve_precision("bf16", "float16")
+    # TensorRT 11 has no weakly typed builds (BuilderFlag.FP16/BF16 are gone): the export's types decide
+    assert resolve_precision("auto", "float32", "11.4.0.106") == ("fp32", True)
+    assert resolve_precision("fp16", "float16", "11.4.0.106") == ("fp16", True)
+    with pytest.raises(EngineBuildError, match=r"TensorRT 11.4.0.106 builds only strongly typed.*--dtype float16"):
+        resolve_precision("fp16", "float32", "11.4.0.106")
+    with pytest.raises(EngineBuildError, match="strongly typed"):
+        resolve_precision("bf16", "float32", "11.0")
 
 
 def test_engine_mismatch_names_versions_and_gpu():

@@ -21,6 +21,7 @@ from typing import Any
 
 from vlm_export.errors import VLMExportError
 from vlm_export.exporter.engine_profiles import EngineLimits, ProfileSpec, engine_profiles
+from vlm_export.exporter.trt_ops import parse_version
 from vlm_export.manifest import Manifest
 from vlm_export.runtime.backends.trt import ENGINE_KEY, INSTALL_HINT
 
@@ -34,6 +35,7 @@ DEFAULT_MAX_SEQ_LEN = 4096
 MAX_IMPLICIT_SEQ_LEN = 32768
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPS_MODES = ("auto", "decompose")
+STRONGLY_TYPED_ONLY = (11, 0)  # TensorRT 11 removed BuilderFlag.FP16/BF16 (weakly typed builds)
 
 
 class EngineBuildError(VLMExportError):
@@ -94,9 +96,10 @@ def resolve_limits(
     return EngineLimits(max_batch=batch, max_seq_len=seq, max_image_pixels=pixels, max_images=images)
 
 
-def resolve_precision(precision: str, export_dtype: str) -> tuple[str, bool]:
+def resolve_precision(precision: str, export_dtype: str, trt_version: str = "10.15") -> tuple[str, bool]:
     """(engine precision, strongly typed). `auto` follows the ONNX types exactly (strongly typed); fp16/bf16 on a
-    float32 export let TensorRT choose lower-precision kernels (weakly typed, I/O stays float32)."""
+    float32 export let TensorRT choose lower-precision kernels (weakly typed, I/O stays float32). TensorRT 11
+    builds strongly typed networks only (its FP16/BF16 builder flags are gone): there the ONNX types decide."""
     if precision not in PRECISIONS:
         raise EngineBuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
     native = {"float32": "fp32", "float16": "fp16"}.get(export_dtype)
@@ -104,6 +107,12 @@ def resolve_precision(precision: str, export_dtype: str) -> tuple[str, bool]:
         raise EngineBuildError(f"this export's dtype {export_dtype} has no TensorRT build rule; re-export it")
     if precision in ("auto", native):
         return native, True
+    if native == "fp32" and parse_version(trt_version) >= STRONGLY_TYPED_ONLY:
+        hint = "re-export with --dtype float16" if precision == "fp16" else "bf16 exports are not supported"
+        raise EngineBuildError(
+            f"TensorRT {trt_version} builds only strongly typed engines, whose precision is the export's "
+            f"({export_dtype}): for --precision {precision} {hint}, or build with --precision auto"
+        )
     if native == "fp32":
         return precision, False
     raise EngineBuildError(
@@ -137,7 +146,9 @@ def _build_one(
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
+    # TensorRT 11 networks are always strongly typed; its STRONGLY_TYPED creation flag is deprecated and ignored
+    typed_flag = strongly_typed and parse_version(trt.__version__) < STRONGLY_TYPED_ONLY
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=typed_flag)
     pools = {trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))} if workspace_gb else None
     config = CreateConfig(
         fp16=precision == "fp16" and not strongly_typed,
@@ -208,7 +219,7 @@ def build_engines(
     trt = require_tensorrt()
     if ops not in OPS_MODES:
         raise EngineBuildError(f"--ops must be one of {', '.join(OPS_MODES)}, got {ops}")
-    engine_precision, strongly_typed = resolve_precision(precision, manifest.dtype)
+    engine_precision, strongly_typed = resolve_precision(precision, manifest.dtype, trt.__version__)
     limits = resolve_limits(
         manifest,
         max_batch=max_batch,
