@@ -176,20 +176,24 @@ class _EngineShapes:
 
         session = TrtSession.__new__(TrtSession)
         session.ranges = self.ranges
-        session.axes = {"attention_mask": ["batch", "total_sequence"]}
+        session.axes = {"inputs_embeds": ["batch", "sequence", 8], "attention_mask": ["batch", "total_sequence"]}
         session.name = "decoder"
         session.backend = type("B", (), {"folder": Path("out")})()
         return session.select_profile(shapes)
 
 
-def test_profile_selection_and_limit_error():
+def test_profile_selection_prefers_the_profile_tuned_for_the_shapes():
+    # the decoder's two profiles as engine_profiles makes them (max_seq_len 4096): a decode step fits both
     engine = _EngineShapes([
-        {"attention_mask": ((1, 1), (1, 64), (2, 128))},
-        {"attention_mask": ((1, 2), (1, 64), (2, 128))},
+        {"inputs_embeds": ((1, 1, 8), (1, 1024, 8), (2, 4096, 8)), "attention_mask": ((1, 1), (1, 1024), (2, 4096))},
+        {"inputs_embeds": ((1, 1, 8), (1, 1, 8), (2, 1, 8)), "attention_mask": ((1, 2), (1, 1025), (2, 4096))},
     ])  # fmt: skip
-    assert engine.select({"attention_mask": (2, 1)}) == 0
-    with pytest.raises(InputError, match=r"total_sequence=200 .*1\.\.128.*--max-seq-len"):
-        engine.select({"attention_mask": (1, 200)})
+    assert engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 40)}) == 1  # decode step
+    assert engine.select({"inputs_embeds": (2, 1, 8), "attention_mask": (2, 3000)}) == 1
+    assert engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 1)}) == 0  # a one-token prompt
+    assert engine.select({"inputs_embeds": (1, 37, 8), "attention_mask": (1, 37)}) == 0  # prefill
+    with pytest.raises(InputError, match=r"total_sequence=5000 .*1\.\.4096.*--max-seq-len"):
+        engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 5000)})
 
 
 # -- backends without TensorRT / CUDA ------------------------------------------------------------------

@@ -140,6 +140,18 @@ def compute_capability(device_id: int = 0) -> str:
     return f"{major.value}.{minor.value}"
 
 
+def profile_distance(ranges: Mapping[str, tuple], shapes: Mapping[str, tuple[int, ...]]) -> float:
+    """How far `shapes` are from a profile's opt shapes, each axis scaled by its range: the profile TensorRT tuned
+    for shapes most like these has the smallest distance."""
+    distance = 0.0
+    for name, shape in shapes.items():
+        low, opt, high = ranges[name]
+        for value, lo, op, hi in zip(shape, low, opt, high, strict=True):
+            if hi > lo:
+                distance += abs(value - op) / (hi - lo)
+    return distance
+
+
 class TrtSession:
     """One engine; one execution context per optimization profile, created on first use."""
 
@@ -177,9 +189,11 @@ class TrtSession:
         return True
 
     def select_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
-        for index in range(len(self.ranges)):
-            if self._fits(index, shapes):
-                return index
+        """The profile that accepts `shapes` and was tuned for the most similar ones (decode steps fit the
+        prefill profile too, but run the kernels tuned for one token)."""
+        fitting = [index for index in range(len(self.ranges)) if self._fits(index, shapes)]
+        if fitting:
+            return min(fitting, key=lambda index: profile_distance(self.ranges[index], shapes))
         # Name the first axis outside the widest range any profile allows.
         for name, shape in shapes.items():
             for dim, value in enumerate(shape):
