@@ -196,6 +196,37 @@ def test_profile_selection_prefers_the_profile_tuned_for_the_shapes():
         engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 5000)})
 
 
+def test_libcudart_is_found_in_pip_wheels_and_missing_is_one_line(tmp_path, monkeypatch):
+    from vlm_export.runtime.backends import cuda_memory
+
+    pytest.importorskip("polygraphy")
+    import polygraphy.cuda.cuda as polygraphy_cuda
+
+    wheel = tmp_path / "site" / "nvidia" / "cu13" / "lib"
+    wheel.mkdir(parents=True)
+    (wheel / "libcudart.so.13").write_bytes(b"")
+    with monkeypatch.context() as patch:
+        patch.setattr(cuda_memory.sys, "path", [str(tmp_path / "nowhere"), str(tmp_path / "site")])
+        patch.setenv("LD_LIBRARY_PATH", str(tmp_path / "empty"))
+        dirs = cuda_memory.cudart_search_dirs()
+    assert dirs[0] == tmp_path / "empty" and wheel in dirs
+    assert cuda_memory.find_cudart([tmp_path / "empty", wheel]) == wheel / "libcudart.so.13"
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(cuda_memory, "_loaded", False)
+    monkeypatch.setattr(cuda_memory, "cudart_search_dirs", lambda: [tmp_path / "empty"])
+    with pytest.raises(cuda_memory.CudaError) as error:
+        cuda_memory.load_cuda_runtime()
+    message = str(error.value)
+    assert "\n" not in message and "libcudart.so was not found" in message and "nvidia-cuda-runtime" in message
+    # a file that is no library: one line too, and LD_LIBRARY_PATH is left as it was
+    monkeypatch.setattr(cuda_memory, "cudart_search_dirs", lambda: [wheel])
+    monkeypatch.setattr(polygraphy_cuda, "G_CUDA", None)  # polygraphy's cached wrapper
+    with pytest.raises(cuda_memory.CudaError, match=r"cannot load the CUDA runtime .*libcudart.so.13"):
+        cuda_memory.load_cuda_runtime()
+    assert cuda_memory.os.environ["LD_LIBRARY_PATH"] == str(tmp_path / "empty")
+
+
 # -- backends without TensorRT / CUDA ------------------------------------------------------------------
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
 def test_trt_backend_says_how_to_install(exported_qwen2_5_vl, capsys):

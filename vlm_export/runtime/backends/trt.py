@@ -27,6 +27,7 @@ import numpy as np
 
 from vlm_export.errors import InputError, VLMExportError
 from vlm_export.manifest import GraphInfo, Manifest
+from vlm_export.runtime.backends.cuda_memory import load_cuda_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +119,17 @@ def _import_trt():
             f"the trt backend needs TensorRT, which is not installed: {INSTALL_HINT}; or use --backend ort-cpu"
         ) from None
     try:
-        from polygraphy import cuda
+        import polygraphy  # noqa: F401
     except ImportError:
         raise BackendError(
             f"the trt backend needs polygraphy, which is not installed: {INSTALL_HINT}; or use --backend ort-cpu"
         ) from None
-    return trt, cuda
+    return trt, load_cuda_runtime()
 
 
-def compute_capability(device_id: int = 0) -> str:
+def compute_capability(device_id: int = 0, cuda: Any = None) -> str:
     """ "major.minor" of a CUDA device, via the CUDA runtime polygraphy loads."""
-    from polygraphy import cuda
-
-    handle = cuda.wrapper().handle
+    handle = (cuda or load_cuda_runtime()).wrapper().handle
     major, minor = ctypes.c_int(), ctypes.c_int()
     # cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76
     if handle.cudaDeviceGetAttribute(ctypes.byref(major), 75, device_id) or handle.cudaDeviceGetAttribute(
@@ -366,7 +365,7 @@ class TrtBackend:
         handle = self.cuda.wrapper().handle
         if handle.cudaSetDevice(device_id):
             raise BackendError(f"CUDA device {device_id} is not available; check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
-        self.compute_capability = compute_capability(device_id)
+        self.compute_capability = compute_capability(device_id, self.cuda)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.stream = self.cuda.Stream()
