@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -194,6 +195,109 @@ def test_profile_selection_prefers_the_profile_tuned_for_the_shapes():
     assert engine.select({"inputs_embeds": (1, 37, 8), "attention_mask": (1, 37)}) == 0  # prefill
     with pytest.raises(InputError, match=r"total_sequence=5000 .*1\.\.4096.*--max-seq-len"):
         engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 5000)})
+
+
+# -- the trt backend on a fake TensorRT (host memory, ONNX Runtime CPU as the engine) -------------------
+def _conversations(image: Path) -> list:
+    return [
+        [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    ]
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("image") / "small.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("version", ["10.16.1.11"])
+def test_trt_backend_on_fake_tensorrt_gives_onnxruntime_tokens(exported_qwen2_5_vl, small_image, tmp_path, version):
+    """build-engines + the trt backend against a TensorRT that runs the graphs it was given on ONNX Runtime: the
+    same greedy tokens as ONNX Runtime CPU on a padded batch with an image, and the backend's device-side
+    bookkeeping: decode steps on the decode profile, one shared activation block for every context, caches
+    zeroed on the device and (10.15+) updated in place at a fixed capacity or (older) grown with the request and
+    swapped instead of copied back, host inputs staged through pinned memory."""
+    from vlm_export.exporter.engines import build_engines
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.testing.fake_tensorrt import fake_tensorrt
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, folder)
+    native = version.startswith("10.16")
+    unit = 1 << 14
+    with fake_tensorrt(version, memory_unit=unit) as device:
+        manifest = build_engines(folder, progress=False, max_batch=2, max_seq_len=96, max_images=1)
+        meta = manifest.engines["tensorrt"]["graphs"]
+        assert ("TensorScatter" in meta["decoder"]["rewritten_ops"]) != native
+        capacity = {p["name"]: p["shapes"]["past_key_values.0.key"] for p in meta["decoder"]["profiles"]}
+        if native:  # KVCacheUpdate: the capacity is static, in the graph and in both profiles
+            assert capacity["prefill"] == capacity["decode"] == {"min": [1, 2, 96, 16], "opt": [1, 2, 96, 16],
+                                                                 "max": [2, 2, 96, 16]}  # fmt: skip
+            assert json.loads((folder / "decoder.engine").read_text())["static"]["past_key_values.0.key"][2] == 96
+        else:
+            assert capacity["prefill"]["min"][2] == 1 and capacity["decode"]["max"][2] == 96
+
+        trt_pipe = VLMPipeline.from_pretrained(folder, backend="trt")
+        want = VLMPipeline.from_pretrained(folder, backend="ort-cpu").generate(
+            _conversations(small_image), max_new_tokens=8, do_sample=False
+        )
+        trt_pipe.generate(_conversations(small_image), max_new_tokens=8, do_sample=False)  # first use
+        for context in device.contexts:
+            context.profiles_run.clear()
+            context.memory_run.clear()
+        device.copies.clear()
+        device.memsets.clear()
+        device.row_copies.clear()
+        got = trt_pipe.generate(_conversations(small_image), max_new_tokens=8, do_sample=False)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+        decoder = trt_pipe.generator.sessions["decoder"]
+        runs = {index: context.profiles_run for index, context in decoder.contexts.items()}
+        assert runs[0] == [0] and runs[1] == [1] * 7  # prefill on profile 0, the 7 decode steps on the decode one
+        backend = trt_pipe.backend
+        assert backend.scratch.nbytes == 2 * unit  # the largest profile's need, not the sum over contexts
+        used = [c for c in device.contexts if c.profiles_run]
+        assert len(used) == 4 and all(c.strategy == "USER_MANAGED" for c in used)  # vision, embedding, decoder x2
+        assert {address for c in used for address in c.memory_run} == {backend.scratch.array.ptr}
+
+        num_cache = 2 * int(manifest.text["num_layers"])
+        assert not [c for c in device.copies if c[0] == "HostToDevice" and not c[2]]  # all from pinned memory
+        assert not [c for c in device.copies if c[0] == "DeviceToDevice"]  # no cache copied back after a run
+        if native:
+            # zeroed on the device at the engine's capacity (2 rows, 2 heads, 96 slots, head_dim 16, float32)
+            assert device.memsets.count(2 * 2 * 96 * 16 * 4) == num_cache and not device.row_copies
+        else:
+            # a cache of the prompt's length, grown once on the device for the decode steps
+            assert len(device.row_copies) == num_cache and max(device.memsets) < 2 * 2 * 96 * 16 * 4
+            cache = decoder.buffers["past_key_values.0.key"]
+            assert len(cache) == 2  # the cache and its spare, swapped after each run
+
+
+def test_fake_tensorrt_refuses_an_unaliased_cache(exported_qwen2_5_vl, tmp_path):
+    """The fake enforces what TensorRT enforces (so the test above can fail): a KVCacheUpdate output bound
+    elsewhere than its input is refused."""
+    from vlm_export.exporter.engines import build_engines
+    from vlm_export.runtime.backends.trt import BackendError, TrtBackend
+    from vlm_export.testing.fake_tensorrt import fake_tensorrt
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, folder)
+    with fake_tensorrt() as _:
+        manifest = build_engines(folder, progress=False, max_batch=1, max_seq_len=16, max_images=1)
+        backend = TrtBackend()
+        decoder = backend.load(folder / "decoder.onnx", manifest.graphs["decoder"])
+        decoder.aliasing = False  # as if the backend did not know the pairs
+        feeds = _random_feeds(manifest.graphs["decoder"], {"batch": 1, "sequence": 2, "total_sequence": 2,
+                                                            "cache_capacity": 16, "num_visual_tokens": 0})  # fmt: skip
+        feeds["attention_mask"][:] = 1
+        cache = {n: decoder.allocate(n, v.shape) for n, v in feeds.items() if n.startswith("past_key_values.")}
+        feeds.update(cache)
+        into = {n.replace("past_key_values.", "present."): v for n, v in cache.items()}
+        with pytest.raises(BackendError, match="execution failed"):
+            decoder.run(feeds, into=into)
 
 
 def test_libcudart_is_found_in_pip_wheels_and_missing_is_one_line(tmp_path, monkeypatch):

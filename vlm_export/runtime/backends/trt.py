@@ -1,14 +1,17 @@
 """TensorRT backend: engines built by `vlm-export build-engines`, run with execution contexts on one CUDA stream.
 
-Device memory goes through polygraphy's CUDA wrapper (ctypes over libcudart), never torch. Outputs are
-`GpuTensor`s that stay on the GPU and are accepted back as inputs; only `to_numpy` copies (the last-position
+Device memory goes through polygraphy's CUDA wrapper (ctypes over libcudart, `cuda_memory`), never torch. Outputs
+are `GpuTensor`s that stay on the GPU and are accepted back as inputs; only `to_numpy` copies (the last-position
 logits, once per step). Each output name has two device buffers used in turn, so an output stays valid until the
-session has run twice more. The KV cache is different: `allocate` gives one buffer per cache input and `run(...,
-into=...)` binds the matching `present` output to the same address, which is what TensorRT's KVCacheUpdate layer
-(ONNX TensorScatter) requires: it updates the cache in place. An engine built with a fixed cache capacity
-(min = max in every profile) gets buffers of that capacity, whatever the caller asked for. Engines built for a
-TensorRT without TensorScatter import (the graph rewritten to an out-of-place ScatterElements) never alias: their
-`into` outputs are written to a pool buffer and copied into place on the GPU after the run.
+session has run twice more. Host inputs go to the GPU through pinned buffers. Every execution context (one per
+optimization profile, created on first use) takes its activation memory from the backend's one shared block.
+
+The KV cache: `allocate` gives one zeroed buffer per cache input and `run(..., into=...)` binds the matching
+`present` output to the same address, which is what TensorRT's KVCacheUpdate layer (ONNX TensorScatter) requires:
+it updates the cache in place. An engine built with a fixed cache capacity (min = max in every profile) gets
+buffers of that capacity, whatever the caller asked for. Engines built for a TensorRT without TensorScatter import
+(the graph rewritten to an out-of-place ScatterElements) never alias: their `into` outputs are written to a pool
+buffer and copied into place on the GPU after the run.
 
 tensorrt and polygraphy are imported when the backend is created, never at module import, so the runtime imports
 and runs on machines without them.
@@ -27,7 +30,7 @@ import numpy as np
 
 from vlm_export.errors import InputError, VLMExportError
 from vlm_export.manifest import GraphInfo, Manifest
-from vlm_export.runtime.backends.cuda_memory import load_cuda_runtime
+from vlm_export.runtime.backends.cuda_memory import CudaCalls, PinnedStaging, ScratchMemory, load_cuda_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,6 @@ AXIS_FLAGS = {
     "total_sequence": "--max-seq-len",
 }
 VISION_FLAGS = "--max-images or --max-image-pixels"
-_MIN_ALLOC = 256  # bytes; empty tensors still get a valid, aligned address
 
 
 class BackendError(VLMExportError):
@@ -100,7 +102,8 @@ def limit_message(graph: str, name: str, axis: str, value: int, low: int, high: 
 
 @dataclass
 class GpuTensor:
-    """A tensor in device memory owned by a session's buffer pool (valid until that session's second-next run)."""
+    """A tensor in device memory owned by a session: an output (valid until that session's second-next run) or
+    an `allocate`d buffer."""
 
     ptr: int
     shape: tuple[int, ...]
@@ -139,6 +142,15 @@ def compute_capability(device_id: int = 0, cuda: Any = None) -> str:
     return f"{major.value}.{minor.value}"
 
 
+def profile_memory(engine: Any, index: int) -> int:
+    """Activation memory an execution context needs for profile `index` (TensorRT 10.1+; the engine-wide
+    maximum before)."""
+    query = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    if query is not None:
+        return int(query(index))
+    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+
+
 def profile_distance(ranges: Mapping[str, tuple], shapes: Mapping[str, tuple[int, ...]]) -> float:
     """How far `shapes` are from a profile's opt shapes, each axis scaled by its range: the profile TensorRT tuned
     for shapes most like these has the smallest distance."""
@@ -157,6 +169,7 @@ class TrtSession:
     def __init__(self, backend: TrtBackend, engine: Any, info: GraphInfo, name: str, meta: dict):
         trt = backend.trt
         self.backend = backend
+        self.calls = backend.calls
         self.engine = engine
         self.info = info
         self.name = name
@@ -172,12 +185,16 @@ class TrtSession:
             for index in range(engine.num_optimization_profiles)
         ]
         self.axes = {t.name: t.shape for t in info.inputs}
-        self.contexts: dict[int, Any] = {}
-        self.staging: dict[str, Any] = {}
-        self.pools: dict[str, list[Any]] = {}
-        self.allocated: dict[str, Any] = {}
         # KVCacheUpdate layers need present aliased to past; a rewritten TensorScatter must not alias
         self.aliasing = "TensorScatter" not in meta.get("rewritten_ops", [])
+        self.contexts: dict[int, Any] = {}
+        self.memory_sizes: dict[int, int] = {}  # profile -> activation memory its context needs
+        self.context_memory: dict[int, tuple[int, int]] = {}  # profile -> (address, size) set on its context
+        self.staging: dict[str, Any] = {}
+        self.pinned = PinnedStaging(self.calls)
+        self.pools: dict[str, list[Any]] = {}
+        self.turns: dict[str, int] = {}
+        self.allocated: dict[str, Any] = {}  # allocate()d input name -> its device array
 
     # -- profiles ------------------------------------------------------------------------------------
     def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -207,22 +224,27 @@ class TrtSession:
         )
 
     def _context(self, index: int) -> Any:
+        """The context of profile `index`, its activation memory in the backend's shared block."""
         context = self.contexts.get(index)
-        if context is None:
-            context = self.engine.create_execution_context()
+        created = context is None
+        if created:
+            strategy = self.backend.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            context = self.engine.create_execution_context(strategy)
             if context is None:
                 raise BackendError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
-            if not context.set_optimization_profile_async(index, self.backend.stream.ptr):
-                raise BackendError(f"{self.name}: TensorRT refused optimization profile {index}")
             self.contexts[index] = context
+        size = self.memory_sizes.get(index)
+        if size is None:
+            size = self.memory_sizes[index] = profile_memory(self.engine, index)
+        address = self.backend.scratch.reserve(size)
+        if self.context_memory.get(index) != (address, size):
+            context.set_device_memory(address, size)
+            self.context_memory[index] = (address, size)
+        if created and not context.set_optimization_profile_async(index, self.backend.stream.ptr):
+            raise BackendError(f"{self.name}: TensorRT refused optimization profile {index}")
         return context
 
     # -- buffers -------------------------------------------------------------------------------------
-    def _grow(self, buffer: Any, nbytes: int) -> Any:
-        if buffer.allocated_nbytes < nbytes or buffer.allocated_nbytes == 0:
-            buffer.resize((max(nbytes, 2 * buffer.allocated_nbytes, _MIN_ALLOC),))
-        return buffer
-
     def _input_ptr(self, name: str, value: Any) -> tuple[int, tuple[int, ...]]:
         want = self.dtypes[name]
         if isinstance(value, GpuTensor):
@@ -230,38 +252,28 @@ class TrtSession:
                 raise BackendError(f"{self.name}: {name} is {value.dtype} on the GPU but the engine takes {want}")
             return value.ptr, value.shape
         array = np.ascontiguousarray(value, dtype=want)
-        cuda = self.backend.cuda
         buffer = self.staging.get(name)
         if buffer is None:
-            buffer = self.staging[name] = cuda.DeviceArray.raw((0,))
-        self._grow(buffer, array.nbytes)
+            buffer = self.staging[name] = self.calls.device_array(array.nbytes, f"{self.name} input {name}")
+        self.calls.resize(buffer, array.nbytes, f"{self.name} input {name}")
         if array.nbytes:
-            cuda.wrapper().memcpy(
-                buffer.ptr, array.ctypes.data, array.nbytes, cuda.MemcpyKind.HostToDevice, self.backend.stream.ptr
-            )
+            self.pinned.copy(name, array, buffer.ptr, self.backend.stream.ptr)
         return buffer.ptr, tuple(array.shape)
 
     def _output_buffer(self, name: str, nbytes: int, busy: set[int]) -> Any:
-        cuda = self.backend.cuda
-        pool = self.pools.setdefault(name, [cuda.DeviceArray.raw((0,)), cuda.DeviceArray.raw((0,))])
-        free = [b for b in pool if b.ptr not in busy]
-        if not free:
-            raise BackendError(f"{self.name}: both buffers of output {name} are inputs of this call")
-        return self._grow(free[0], nbytes)
-
-    def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
-        """Zeros for input `name` (reusing this input's previous buffer); axes every profile fixes take that
-        size (a KVCacheUpdate cache must have a static capacity)."""
-        return self._write(name, np.zeros(self._fixed_shape(name, shape), dtype=self.dtypes[name]))
-
-    def upload(self, name: str, array: np.ndarray) -> GpuTensor:
-        """`array` in this input's buffer (the one `allocate` gives), zero-padded along axes the engine fixes."""
-        host = np.zeros(self._fixed_shape(name, array.shape), dtype=self.dtypes[name])
-        host[tuple(slice(0, n) for n in array.shape)] = array
-        return self._write(name, host)
+        """The output's two buffers in turn (one that is not an input of this call)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = self.pools[name] = [self.calls.device_array(nbytes, f"{self.name} output {name}") for _ in "ab"]
+        turn = self.turns.get(name, 0)
+        for index in (turn, 1 - turn):
+            if pool[index].ptr not in busy:
+                self.turns[name] = 1 - index
+                return self.calls.resize(pool[index], nbytes, f"{self.name} output {name}")
+        raise BackendError(f"{self.name}: both buffers of output {name} are inputs of this call")
 
     def _fixed_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """`shape` with every axis that all profiles fix (min = max) set to that size."""
+        """`shape` with the axes every profile fixes set to that size (a KVCacheUpdate cache's capacity)."""
         if name not in self.inputs:
             raise BackendError(f"{self.name}: the engine has no input {name}")
         fixed = []
@@ -271,14 +283,32 @@ class TrtSession:
             fixed.append(lows.pop() if len(lows) == 1 and lows == highs else wanted)
         return tuple(fixed)
 
-    def _write(self, name: str, host: np.ndarray) -> GpuTensor:
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
+        """This input's device buffer (reused from call to call) for `shape`, with the axes the engine fixes."""
+        tensor = GpuTensor(0, self._fixed_shape(name, shape), self.dtypes[name])
         buffer = self.allocated.get(name)
         if buffer is None:
-            buffer = self.allocated[name] = self.backend.cuda.DeviceArray.raw((0,))
-        self._grow(buffer, host.nbytes)
-        cuda = self.backend.cuda
-        cuda.wrapper().memcpy(buffer.ptr, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice)
-        return GpuTensor(buffer.ptr, host.shape, host.dtype)
+            buffer = self.allocated[name] = self.calls.device_array(tensor.nbytes, f"{self.name} {name}")
+        self.calls.resize(buffer, tensor.nbytes, f"{self.name} {name}")
+        tensor.ptr = int(buffer.ptr)
+        return tensor
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
+        """Zeros for input `name` (reusing this input's previous buffer), zeroed on the GPU; axes every profile
+        fixes take that size (a KVCacheUpdate cache must have a static capacity)."""
+        tensor = self._buffer(name, shape)
+        # finite: masked slots still enter attention's weighted sum as 0 * x
+        self.calls.memset(tensor.ptr, tensor.nbytes, self.backend.stream.ptr)
+        return tensor
+
+    def upload(self, name: str, array: np.ndarray) -> GpuTensor:
+        """`array` in this input's buffer (the one `allocate` gives), zero-padded along axes the engine fixes."""
+        tensor = self._buffer(name, array.shape)
+        host = np.zeros(tensor.shape, dtype=tensor.dtype)
+        host[tuple(slice(0, n) for n in array.shape)] = array
+        # from pageable memory: the call returns once `host` is staged, so it may go out of scope
+        self.calls.to_device(tensor.ptr, host.ctypes.data, host.nbytes, self.backend.stream.ptr)
+        return tensor
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, GpuTensor]:
@@ -287,14 +317,15 @@ class TrtSession:
         if missing:
             raise BackendError(f"{self.name}: inputs {missing} were not given")
         bound = {name: self._input_ptr(name, feeds[name]) for name in self.inputs}
+        stream = self.backend.stream.ptr
+        self.pinned.done(stream)
         index = self.select_profile({name: shape for name, (_, shape) in bound.items()})
         context = self._context(index)
         for name, (ptr, shape) in bound.items():
             if not context.set_input_shape(name, shape) or not context.set_tensor_address(name, ptr):
                 raise BackendError(f"{self.name}: TensorRT rejected input {name} with shape {shape}")
         busy = {ptr for ptr, _ in bound.values()}
-        outputs = {}
-        copies = []
+        outputs, copies = {}, []
         for name in self.outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -307,23 +338,22 @@ class TrtSession:
                         f"{self.name}: output {name} is {shape} {dtype} but the buffer given for it is "
                         f"{target.shape} {target.dtype}"
                     )
+                if self.aliasing:  # in place: the very buffer of the cache input
+                    address = target.ptr
+                else:
+                    address = int(self._output_buffer(name, target.nbytes, busy).ptr)
+                    copies.append((target.ptr, address, target.nbytes))
                 outputs[name] = target
-                if self.aliasing:
-                    context.set_tensor_address(name, target.ptr)
-                    continue
-                staged = self._output_buffer(name, target.nbytes, busy)
-                context.set_tensor_address(name, staged.ptr)
-                copies.append((target.ptr, staged.ptr, target.nbytes))
-                continue
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            buffer = self._output_buffer(name, nbytes, busy)
-            context.set_tensor_address(name, buffer.ptr)
-            outputs[name] = GpuTensor(buffer.ptr, shape, dtype)
-        if not context.execute_async_v3(self.backend.stream.ptr):
+            else:
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                address = int(self._output_buffer(name, nbytes, busy).ptr)
+                outputs[name] = GpuTensor(address, shape, dtype)
+            if not context.set_tensor_address(name, address):
+                raise BackendError(f"{self.name}: TensorRT rejected the address of output {name}")
+        if not context.execute_async_v3(stream):
             raise BackendError(f"{self.name}: TensorRT execution failed (see the TensorRT log above)")
-        cuda = self.backend.cuda
-        for dst, src, nbytes in copies:
-            cuda.wrapper().memcpy(dst, src, nbytes, cuda.MemcpyKind.DeviceToDevice, self.backend.stream.ptr)
+        for dst, src, nbytes in copies:  # the rewritten scatter wrote a new cache: into the caller's buffer
+            self.calls.copy_rows(dst, nbytes, src, nbytes, nbytes, 1, stream)
         return outputs
 
     def grow(self, buffer: GpuTensor, shape: tuple[int, ...]) -> GpuTensor:
@@ -338,17 +368,18 @@ class TrtSession:
     def to_numpy(self, value: Any) -> np.ndarray:
         if not isinstance(value, GpuTensor):
             return np.asarray(value)
-        cuda = self.backend.cuda
         host = np.empty(value.shape, dtype=value.dtype)
         self.backend.stream.synchronize()
         if host.nbytes:
-            cuda.wrapper().memcpy(host.ctypes.data, value.ptr, host.nbytes, cuda.MemcpyKind.DeviceToHost)
+            self.calls.to_host(host.ctypes.data, value.ptr, host.nbytes)
         return host
 
     def free(self) -> None:
-        pooled = (b for pool in self.pools.values() for b in pool)
+        self.backend.stream.synchronize()
+        pooled = [b for pool in self.pools.values() for b in pool]
         for buffer in [*self.staging.values(), *pooled, *self.allocated.values()]:
             buffer.free()
+        self.pinned.free()
         self.staging.clear()
         self.pools.clear()
         self.allocated.clear()
@@ -362,13 +393,14 @@ class TrtBackend:
     def __init__(self, device_id: int = 0):
         self.trt, self.cuda = _import_trt()
         self.device_id = device_id
-        handle = self.cuda.wrapper().handle
-        if handle.cudaSetDevice(device_id):
+        self.calls = CudaCalls(self.cuda)
+        if self.calls.handle.cudaSetDevice(device_id):
             raise BackendError(f"CUDA device {device_id} is not available; check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
         self.compute_capability = compute_capability(device_id, self.cuda)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.stream = self.cuda.Stream()
+        self.scratch = ScratchMemory(self.calls, self.stream)
         self.folder: Path | None = None
         self._meta: dict | None = None
 
