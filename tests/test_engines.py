@@ -213,7 +213,7 @@ def small_image(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("version", ["10.16.1.11"])
+@pytest.mark.parametrize("version", ["10.16.1.11", "10.3.0"])
 def test_trt_backend_on_fake_tensorrt_gives_onnxruntime_tokens(exported_qwen2_5_vl, small_image, tmp_path, version):
     """build-engines + the trt backend against a TensorRT that runs the graphs it was given on ONNX Runtime: the
     same greedy tokens as ONNX Runtime CPU on a padded batch with an image, and the backend's device-side
@@ -289,7 +289,7 @@ def test_fake_tensorrt_refuses_an_unaliased_cache(exported_qwen2_5_vl, tmp_path)
         manifest = build_engines(folder, progress=False, max_batch=1, max_seq_len=16, max_images=1)
         backend = TrtBackend()
         decoder = backend.load(folder / "decoder.onnx", manifest.graphs["decoder"])
-        decoder.aliasing = False  # as if the backend did not know the pairs
+        decoder.aliases = {}  # as if the backend did not know the pairs
         feeds = _random_feeds(manifest.graphs["decoder"], {"batch": 1, "sequence": 2, "total_sequence": 2,
                                                             "cache_capacity": 16, "num_visual_tokens": 0})  # fmt: skip
         feeds["attention_mask"][:] = 1

@@ -247,7 +247,10 @@ def build_engines(
     for name, report in reports.items():
         present = {op for domain, op in report.ops if domain in ("", "ai.onnx")}
         rewrites[name] = report.decomposable if ops == "auto" else sorted(present & set(DECOMPOSABLE))
-    profiles = engine_profiles(manifest, folder, limits)
+    # an in-place KVCacheUpdate needs a fixed capacity; a rewritten (out-of-place) TensorScatter grows with the request
+    decoder_rewrite = rewrites.get("decoder", previous.get("graphs", {}).get("decoder", {}).get("rewritten_ops", []))
+    static_cache = "TensorScatter" not in decoder_rewrite
+    profiles = engine_profiles(manifest, folder, limits, static_cache=static_cache)
     if not graphs and ENGINE_KEY in manifest.engines:  # a failed rebuild must not leave stale engines described
         del manifest.engines[ENGINE_KEY]
         manifest.save(folder)
@@ -255,8 +258,7 @@ def build_engines(
     for name in tqdm(names, desc="engines", unit="graph", disable=not progress, leave=False):
         onnx_path = folder / manifest.graphs[name].file
         source = onnx_path.with_name(f"{name}.trt.onnx")
-        # an in-place KVCacheUpdate needs a static capacity (a rewritten TensorScatter does not)
-        capacity = limits.max_seq_len if name == "decoder" and "TensorScatter" not in rewrites[name] else None
+        capacity = limits.max_seq_len if name == "decoder" and static_cache else None
         copy = tensorrt_copy(onnx_path, source, rewrites[name], cache_capacity=capacity)
         rewritten = copy.rewritten
         if rewritten:

@@ -6,12 +6,12 @@ logits, once per step). Each output name has two device buffers used in turn, so
 session has run twice more. Host inputs go to the GPU through pinned buffers. Every execution context (one per
 optimization profile, created on first use) takes its activation memory from the backend's one shared block.
 
-The KV cache: `allocate` gives one zeroed buffer per cache input and `run(..., into=...)` binds the matching
-`present` output to the same address, which is what TensorRT's KVCacheUpdate layer (ONNX TensorScatter) requires:
-it updates the cache in place. An engine built with a fixed cache capacity (min = max in every profile) gets
-buffers of that capacity, whatever the caller asked for. Engines built for a TensorRT without TensorScatter import
-(the graph rewritten to an out-of-place ScatterElements) never alias: their `into` outputs are written to a pool
-buffer and copied into place on the GPU after the run.
+The KV cache: `allocate` gives one zeroed buffer per cache input and `run(..., into=...)` writes the matching
+`present` output into it. An engine that imported TensorScatter as KVCacheUpdate (TensorRT 10.15+) updates it in
+place: `present` is bound to the `past` address (the engine names the pair, `get_aliased_input_tensor`), and the
+cache has the engine's fixed capacity (max-seq-len) whatever the caller asked for. An engine built from the
+rewritten graph (TensorRT < 10.15: an out-of-place scatter) writes `present` to the cache's second buffer, and the
+two swap after the run (no copy back); its capacity is dynamic, and `grow` enlarges it as the request goes on.
 
 tensorrt and polygraphy are imported when the backend is created, never at module import, so the runtime imports
 and runs on machines without them.
@@ -103,11 +103,14 @@ def limit_message(graph: str, name: str, axis: str, value: int, low: int, high: 
 @dataclass
 class GpuTensor:
     """A tensor in device memory owned by a session: an output (valid until that session's second-next run) or
-    an `allocate`d buffer."""
+    an `allocate`d buffer (`owner`: the input it was allocated for; `spare`: its second buffer when the engine
+    writes the cache out of place, swapped with `ptr` after each run)."""
 
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    owner: str | None = None
+    spare: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -185,8 +188,7 @@ class TrtSession:
             for index in range(engine.num_optimization_profiles)
         ]
         self.axes = {t.name: t.shape for t in info.inputs}
-        # KVCacheUpdate layers need present aliased to past; a rewritten TensorScatter must not alias
-        self.aliasing = "TensorScatter" not in meta.get("rewritten_ops", [])
+        self.aliases = self._aliases(meta)
         self.contexts: dict[int, Any] = {}
         self.memory_sizes: dict[int, int] = {}  # profile -> activation memory its context needs
         self.context_memory: dict[int, tuple[int, int]] = {}  # profile -> (address, size) set on its context
@@ -194,7 +196,17 @@ class TrtSession:
         self.pinned = PinnedStaging(self.calls)
         self.pools: dict[str, list[Any]] = {}
         self.turns: dict[str, int] = {}
-        self.allocated: dict[str, Any] = {}  # allocate()d input name -> its device array
+        self.buffers: dict[str, list[Any]] = {}  # allocate()d input name -> its device arrays
+
+    def _aliases(self, meta: dict) -> dict[str, str]:
+        """Output -> the input whose memory it must share (KVCacheUpdate updates the cache in place)."""
+        query = getattr(self.engine, "get_aliased_input_tensor", None)  # TensorRT 10.15+
+        if query is not None:
+            return {name: query(name) for name in self.outputs if query(name)}
+        if "TensorScatter" in meta.get("rewritten_ops", []):
+            return {}
+        pairs = {name: name.replace("present.", "past_key_values.", 1) for name in self.outputs}
+        return {out: inp for out, inp in pairs.items() if out.startswith("present.") and inp in self.inputs}
 
     # -- profiles ------------------------------------------------------------------------------------
     def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -284,18 +296,20 @@ class TrtSession:
         return tuple(fixed)
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
-        """This input's device buffer (reused from call to call) for `shape`, with the axes the engine fixes."""
-        tensor = GpuTensor(0, self._fixed_shape(name, shape), self.dtypes[name])
-        buffer = self.allocated.get(name)
-        if buffer is None:
-            buffer = self.allocated[name] = self.calls.device_array(tensor.nbytes, f"{self.name} {name}")
-        self.calls.resize(buffer, tensor.nbytes, f"{self.name} {name}")
-        tensor.ptr = int(buffer.ptr)
+        """This input's device buffers (reused from call to call) for `shape`, with the axes the engine fixes."""
+        tensor = GpuTensor(0, self._fixed_shape(name, shape), self.dtypes[name], owner=name)
+        arrays = self.buffers.setdefault(name, [])
+        if not arrays:
+            arrays.append(self.calls.device_array(tensor.nbytes, f"{self.name} {name}"))
+        for array in arrays:  # the second buffer of an out-of-place cache, when there is one
+            self.calls.resize(array, tensor.nbytes, f"{self.name} {name}")
+        tensor.ptr = int(arrays[0].ptr)
+        tensor.spare = int(arrays[1].ptr) if len(arrays) > 1 else None
         return tensor
 
     def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
-        """Zeros for input `name` (reusing this input's previous buffer), zeroed on the GPU; axes every profile
-        fixes take that size (a KVCacheUpdate cache must have a static capacity)."""
+        """Zeros for input `name` (reusing this input's previous buffers), zeroed on the GPU; axes every profile
+        fixes take that size."""
         tensor = self._buffer(name, shape)
         # finite: masked slots still enter attention's weighted sum as 0 * x
         self.calls.memset(tensor.ptr, tensor.nbytes, self.backend.stream.ptr)
@@ -309,6 +323,17 @@ class TrtSession:
         # from pageable memory: the call returns once `host` is staged, so it may go out of scope
         self.calls.to_device(tensor.ptr, host.ctypes.data, host.nbytes, self.backend.stream.ptr)
         return tensor
+
+    def _spare(self, target: GpuTensor) -> int:
+        """The second buffer of an `allocate`d cache, created on its first out-of-place write."""
+        if target.spare is None:
+            arrays = self.buffers.get(target.owner or "", [])
+            if not any(int(a.ptr) == target.ptr for a in arrays):
+                raise BackendError(f"{self.name}: an `into` buffer must come from this session's allocate")
+            spare = self.calls.device_array(target.nbytes, f"{self.name} {target.owner}")
+            arrays.append(spare)
+            target.spare = int(spare.ptr)
+        return target.spare
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, GpuTensor]:
@@ -325,7 +350,7 @@ class TrtSession:
             if not context.set_input_shape(name, shape) or not context.set_tensor_address(name, ptr):
                 raise BackendError(f"{self.name}: TensorRT rejected input {name} with shape {shape}")
         busy = {ptr for ptr, _ in bound.values()}
-        outputs, copies = {}, []
+        outputs, swaps = {}, []
         for name in self.outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -338,11 +363,14 @@ class TrtSession:
                         f"{self.name}: output {name} is {shape} {dtype} but the buffer given for it is "
                         f"{target.shape} {target.dtype}"
                     )
-                if self.aliasing:  # in place: the very buffer of the cache input
+                aliased = self.aliases.get(name)
+                if aliased is not None:  # in place: the very buffer of the input it aliases
+                    if bound[aliased][0] != target.ptr:
+                        raise BackendError(f"{self.name}: output {name} must be written into input {aliased}")
                     address = target.ptr
                 else:
-                    address = int(self._output_buffer(name, target.nbytes, busy).ptr)
-                    copies.append((target.ptr, address, target.nbytes))
+                    address = self._spare(target)
+                    swaps.append(target)
                 outputs[name] = target
             else:
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -352,18 +380,39 @@ class TrtSession:
                 raise BackendError(f"{self.name}: TensorRT rejected the address of output {name}")
         if not context.execute_async_v3(stream):
             raise BackendError(f"{self.name}: TensorRT execution failed (see the TensorRT log above)")
-        for dst, src, nbytes in copies:  # the rewritten scatter wrote a new cache: into the caller's buffer
-            self.calls.copy_rows(dst, nbytes, src, nbytes, nbytes, 1, stream)
+        for target in swaps:  # the new cache is in the spare buffer: it becomes the cache, the old one the spare
+            target.ptr, target.spare = target.spare, target.ptr
         return outputs
 
     def grow(self, buffer: GpuTensor, shape: tuple[int, ...]) -> GpuTensor:
-        """Cache buffers are allocated at the engine's fixed capacity (max-seq-len), which every request fits."""
+        """`buffer` enlarged to `shape` on the GPU (zeros, then its rows copied in). A buffer of an engine that
+        fixes the axis is already at least that large (the engine's max-seq-len capacity)."""
         if all(have >= want for have, want in zip(buffer.shape, shape, strict=True)):
             return buffer
-        raise BackendError(
-            f"{self.name}: a {buffer.shape} buffer cannot grow to {shape}: the engine fixes its size; rebuild the "
-            "engines with a larger --max-seq-len"
-        )
+        grown = tuple(self._fixed_shape(buffer.owner, shape)) if buffer.owner in self.inputs else shape
+        axes = [dim for dim, (have, want) in enumerate(zip(buffer.shape, grown, strict=True)) if have != want]
+        if grown != tuple(shape) or len(axes) != 1 or buffer.owner not in self.buffers:
+            raise BackendError(
+                f"{self.name}: a {buffer.shape} buffer cannot grow to {shape}: the engine fixes its size; rebuild "
+                "the engines with a larger --max-seq-len"
+            )
+        axis = axes[0]
+        stream = self.backend.stream.ptr
+        itemsize = buffer.dtype.itemsize
+        tensor = GpuTensor(0, grown, buffer.dtype, owner=buffer.owner)
+        array = self.calls.device_array(tensor.nbytes, f"{self.name} {buffer.owner}")
+        tensor.ptr = int(array.ptr)
+        self.calls.memset(tensor.ptr, tensor.nbytes, stream)
+        rows = int(np.prod(buffer.shape[:axis], dtype=np.int64))
+        src_pitch = int(np.prod(buffer.shape[axis:], dtype=np.int64)) * itemsize
+        dst_pitch = int(np.prod(grown[axis:], dtype=np.int64)) * itemsize
+        if rows and src_pitch:
+            self.calls.copy_rows(tensor.ptr, dst_pitch, buffer.ptr, src_pitch, src_pitch, rows, stream)
+        self.backend.stream.synchronize()  # the old buffers may still be read by queued work
+        for old in self.buffers[buffer.owner]:
+            old.free()
+        self.buffers[buffer.owner] = [array]
+        return tensor
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if not isinstance(value, GpuTensor):
@@ -377,12 +426,13 @@ class TrtSession:
     def free(self) -> None:
         self.backend.stream.synchronize()
         pooled = [b for pool in self.pools.values() for b in pool]
-        for buffer in [*self.staging.values(), *pooled, *self.allocated.values()]:
+        owned = [b for arrays in self.buffers.values() for b in arrays]
+        for buffer in [*self.staging.values(), *pooled, *owned]:
             buffer.free()
         self.pinned.free()
         self.staging.clear()
         self.pools.clear()
-        self.allocated.clear()
+        self.buffers.clear()
 
 
 class TrtBackend:
