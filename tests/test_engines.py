@@ -570,3 +570,35 @@ def test_engine_metadata_round_trips_through_the_manifest(exported_qwen2_5_vl, t
     assert decoder["build_s"] == 1.23 and decoder["rewritten_ops"] == ["Attention"]
     with pytest.raises(BackendError, match=r"compute capability 8\.7"):
         check_engines(folder, loaded, "10.3.0.30", "9.0")
+
+
+def test_cpu_fallbacks_reads_onnxruntime_profiles(exported_qwen2_5_vl, tmp_path):
+    """The check tests/test_gpu.py runs on ONNX Runtime CUDA, read here from a real CPU profile: every float node
+    of a CPU session is reported; int64 shape arithmetic on the CPU and CUDA nodes are not."""
+    import onnxruntime as ort
+
+    from vlm_export.runtime.backends.ort import cpu_fallbacks
+
+    manifest = Manifest.load(exported_qwen2_5_vl)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "decoder")
+    decoder = str(exported_qwen2_5_vl / "decoder.onnx")
+    session = ort.InferenceSession(decoder, options, providers=["CPUExecutionProvider"])
+    dims = {"batch": 1, "sequence": 2, "cache_capacity": 4, "total_sequence": 2, "num_visual_tokens": 0}
+    session.run(None, _random_feeds(manifest.graphs["decoder"], dims))
+    found = cpu_fallbacks(session.end_profiling())
+    assert any("(Attention, CPUExecutionProvider)" in node for node in found)
+    assert any("(TensorScatter, CPUExecutionProvider)" in node for node in found)
+
+    profile = tmp_path / "synthetic.json"
+    node = {"cat": "Node", "name": "n_kernel_time"}
+    profile.write_text(json.dumps([
+        {**node, "args": {"op_name": "MatMul", "provider": "CUDAExecutionProvider",
+                          "input_type_shape": [{"float": [1, 2]}]}},
+        {**node, "args": {"op_name": "Gather", "provider": "CPUExecutionProvider",
+                          "input_type_shape": [{"int64": [3]}], "output_type_shape": [{"int64": [1]}]}},
+        {"cat": "Session", "name": "model_run", "args": {}},
+    ]))  # fmt: skip
+    assert cpu_fallbacks(profile) == []
