@@ -373,8 +373,9 @@ def fake_tensorrt(version: str = "10.16.1.11", memory_unit: int = 1 << 16) -> It
     cuda = fake_cuda(device)
     module = fake_trt(device, version)
 
-    def build_one(source, engine_path, specs, *args, **kwargs):
+    def build_one(source, engine_path, specs, precision, strongly_typed, timing_cache, *args):
         engine_path.write_text(json.dumps(_engine_spec(source, engine_path, specs, memory_unit)))
+        timing_cache.write_bytes(b"fake timing cache")  # polygraphy's save_timing_cache
 
     with (
         mock.patch.object(engines, "require_tensorrt", lambda: module),
