@@ -535,6 +535,7 @@ def test_check_ops_reports_without_tensorrt(exported_qwen2_5_vl, exported_qwen3_
 
     assert main(["build-engines", str(exported_qwen2_5_vl), "--check-ops", "10.3"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("TensorRT 10.3 ONNX parser (documents opsets up to 20) vs")
     lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert lines["vision_encoder"].endswith("rewrites RMSNormalization, RotaryEmbedding, Attention")
     assert lines["embedding"].endswith("imports as is")

@@ -220,6 +220,13 @@ def build_engines(
     if ops not in OPS_MODES:
         raise EngineBuildError(f"--ops must be one of {', '.join(OPS_MODES)}, got {ops}")
     engine_precision, strongly_typed = resolve_precision(precision, manifest.dtype, trt.__version__)
+    if not strongly_typed:
+        logger.warning(
+            "--precision %s on a %s export builds a weakly typed engine, deprecated since TensorRT 10.15 and gone in "
+            "11; a --dtype float16 export with --precision auto gives strongly typed fp16 engines",
+            engine_precision,
+            manifest.dtype,
+        )
     limits = resolve_limits(
         manifest,
         max_batch=max_batch,
@@ -349,10 +356,11 @@ def summary(manifest: Manifest, folder: Path) -> str:
 
 def check_ops(folder: Path, trt_version: str) -> tuple[bool, str]:
     """(importable, report) of every graph of `folder` for TensorRT `trt_version`, without TensorRT."""
-    from vlm_export.exporter.trt_ops import check_graph
+    from vlm_export.exporter.trt_ops import check_graph, documented_opset
 
     manifest = Manifest.load(folder)
-    ok, lines = True, [f"TensorRT {trt_version} ONNX parser vs {folder}:"]
+    documented = documented_opset(parse_version(trt_version))
+    ok, lines = True, [f"TensorRT {trt_version} ONNX parser (documents opsets up to {documented}) vs {folder}:"]
     for name, info in manifest.graphs.items():
         report = check_graph(folder / info.file, trt_version)
         problems = [*report.blocking.values(), *report.restrictions]

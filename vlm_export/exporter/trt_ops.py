@@ -53,6 +53,12 @@ PACKED_ATTENTION = (10, 15)
 CONTRIB_HINTS = {"MoE": "re-export with --moe-form dense (plain ONNX ops TensorRT imports)"}
 
 
+def documented_opset(trt_version: tuple[int, int]) -> int:
+    """The highest ONNX opset TensorRT `trt_version`'s operators.md documents. Newer opsets still import (the parser
+    warns only below opset 7; importers branch on `getOpsetVersion() >= N`): our graphs are 23/24 on 10.x."""
+    return max(opset for since, opset in MAX_OPSET.items() if since <= trt_version)
+
+
 def parse_version(version: str) -> tuple[int, int]:
     parts = str(version).split(".")
     return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
