@@ -105,3 +105,22 @@ def test_large_lm_head_is_exported_in_vocabulary_slices(tmp_path: Path, monkeypa
     sizes = {init.name: list(init.dims) for init in graph.initializer}
     assert sum(sizes[node.input[1]][1] for node in sources) == model.lm_head.weight.shape[0]
     assert verify_graph(spec, tmp_path / info.file) < 1e-4
+
+
+def test_left_pad_rows_attend_to_themselves_only() -> None:
+    """No query row of the decoder's mask is fully masked (GPU kernels give NaN there), and real rows are exactly
+    the causal padding mask: pad keys stay masked for every real query."""
+    torch = pytest.importorskip("torch")
+    from vlm_export.graphs.decoder import additive_causal_mask
+
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    mask = additive_causal_mask(padding, query_len=3, capacity=7, dtype=torch.float32)[:, 0]
+    allowed = mask == 0
+    assert allowed.any(-1).all()
+    assert allowed[0, 0].tolist() == [False, False, True, False, False, False, False]  # pads 0, 1 masked
+    assert allowed[0, 1].tolist() == [False, False, True, True, False, False, False]
+    assert allowed[1, 2].tolist() == [True] * 5 + [False] * 2
+    prefill = additive_causal_mask(padding, query_len=5, capacity=5, dtype=torch.float32)[0, 0] == 0
+    assert prefill[0].tolist() == [True, False, False, False, False]  # a pad query: itself only
+    assert prefill[1].tolist() == [False, True, False, False, False]
+    assert not prefill[2:, :2].any()  # real queries never see the pads

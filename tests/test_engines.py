@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -127,9 +128,16 @@ def test_precision_rules():
     assert resolve_precision("auto", "float16") == ("fp16", True)
     assert resolve_precision("auto", "float32") == ("fp32", True)
     assert resolve_precision("bf16", "float32") == ("bf16", False)
-    assert resolve_precision("fp16", "float32") == ("fp16", False)
+    assert resolve_precision("fp16", "float32", "10.16.1.11") == ("fp16", False)
     with pytest.raises(EngineBuildError, match="needs a float32 export"):
         resolve_precision("bf16", "float16")
+    # TensorRT 11 has no weakly typed builds (BuilderFlag.FP16/BF16 are gone): the export's types decide
+    assert resolve_precision("auto", "float32", "11.4.0.106") == ("fp32", True)
+    assert resolve_precision("fp16", "float16", "11.4.0.106") == ("fp16", True)
+    with pytest.raises(EngineBuildError, match=r"TensorRT 11.4.0.106 builds only strongly typed.*--dtype float16"):
+        resolve_precision("fp16", "float32", "11.4.0.106")
+    with pytest.raises(EngineBuildError, match="strongly typed"):
+        resolve_precision("bf16", "float32", "11.0")
 
 
 def test_engine_mismatch_names_versions_and_gpu():
@@ -169,20 +177,158 @@ class _EngineShapes:
 
         session = TrtSession.__new__(TrtSession)
         session.ranges = self.ranges
-        session.axes = {"attention_mask": ["batch", "total_sequence"]}
+        session.axes = {"inputs_embeds": ["batch", "sequence", 8], "attention_mask": ["batch", "total_sequence"]}
         session.name = "decoder"
         session.backend = type("B", (), {"folder": Path("out")})()
         return session.select_profile(shapes)
 
 
-def test_profile_selection_and_limit_error():
+def test_profile_selection_prefers_the_profile_tuned_for_the_shapes():
+    # the decoder's two profiles as engine_profiles makes them (max_seq_len 4096): a decode step fits both
     engine = _EngineShapes([
-        {"attention_mask": ((1, 1), (1, 64), (2, 128))},
-        {"attention_mask": ((1, 2), (1, 64), (2, 128))},
+        {"inputs_embeds": ((1, 1, 8), (1, 1024, 8), (2, 4096, 8)), "attention_mask": ((1, 1), (1, 1024), (2, 4096))},
+        {"inputs_embeds": ((1, 1, 8), (1, 1, 8), (2, 1, 8)), "attention_mask": ((1, 2), (1, 1025), (2, 4096))},
     ])  # fmt: skip
-    assert engine.select({"attention_mask": (2, 1)}) == 0
-    with pytest.raises(InputError, match=r"total_sequence=200 .*1\.\.128.*--max-seq-len"):
-        engine.select({"attention_mask": (1, 200)})
+    assert engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 40)}) == 1  # decode step
+    assert engine.select({"inputs_embeds": (2, 1, 8), "attention_mask": (2, 3000)}) == 1
+    assert engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 1)}) == 0  # a one-token prompt
+    assert engine.select({"inputs_embeds": (1, 37, 8), "attention_mask": (1, 37)}) == 0  # prefill
+    with pytest.raises(InputError, match=r"total_sequence=5000 .*1\.\.4096.*--max-seq-len"):
+        engine.select({"inputs_embeds": (1, 1, 8), "attention_mask": (1, 5000)})
+
+
+# -- the trt backend on a fake TensorRT (host memory, ONNX Runtime CPU as the engine) -------------------
+def _conversations(image: Path) -> list:
+    return [
+        [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    ]
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("image") / "small.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("version", ["10.16.1.11", "10.3.0"])
+def test_trt_backend_on_fake_tensorrt_gives_onnxruntime_tokens(exported_qwen2_5_vl, small_image, tmp_path, version):
+    """build-engines + the trt backend against a TensorRT that runs the graphs it was given on ONNX Runtime: the
+    same greedy tokens as ONNX Runtime CPU on a padded batch with an image, and the backend's device-side
+    bookkeeping: decode steps on the decode profile, one shared activation block for every context, caches
+    zeroed on the device and (10.15+) updated in place at a fixed capacity or (older) grown with the request and
+    swapped instead of copied back, host inputs staged through pinned memory."""
+    from vlm_export.exporter.engines import build_engines
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.testing.fake_tensorrt import fake_tensorrt
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, folder)
+    native = version.startswith("10.16")
+    unit = 1 << 14
+    with fake_tensorrt(version, memory_unit=unit) as device:
+        manifest = build_engines(folder, progress=False, max_batch=2, max_seq_len=96, max_images=1)
+        meta = manifest.engines["tensorrt"]["graphs"]
+        assert ("TensorScatter" in meta["decoder"]["rewritten_ops"]) != native
+        capacity = {p["name"]: p["shapes"]["past_key_values.0.key"] for p in meta["decoder"]["profiles"]}
+        if native:  # KVCacheUpdate: the capacity is static, in the graph and in both profiles
+            assert capacity["prefill"] == capacity["decode"] == {"min": [1, 2, 96, 16], "opt": [1, 2, 96, 16],
+                                                                 "max": [2, 2, 96, 16]}  # fmt: skip
+            assert json.loads((folder / "decoder.engine").read_text())["static"]["past_key_values.0.key"][2] == 96
+        else:
+            assert capacity["prefill"]["min"][2] == 1 and capacity["decode"]["max"][2] == 96
+
+        trt_pipe = VLMPipeline.from_pretrained(folder, backend="trt")
+        want = VLMPipeline.from_pretrained(folder, backend="ort-cpu").generate(
+            _conversations(small_image), max_new_tokens=8, do_sample=False
+        )
+        trt_pipe.generate(_conversations(small_image), max_new_tokens=8, do_sample=False)  # first use
+        for context in device.contexts:
+            context.profiles_run.clear()
+            context.memory_run.clear()
+        device.copies.clear()
+        device.memsets.clear()
+        device.row_copies.clear()
+        got = trt_pipe.generate(_conversations(small_image), max_new_tokens=8, do_sample=False)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+        decoder = trt_pipe.generator.sessions["decoder"]
+        runs = {index: context.profiles_run for index, context in decoder.contexts.items()}
+        assert runs[0] == [0] and runs[1] == [1] * 7  # prefill on profile 0, the 7 decode steps on the decode one
+        backend = trt_pipe.backend
+        assert backend.scratch.nbytes == 2 * unit  # the largest profile's need, not the sum over contexts
+        used = [c for c in device.contexts if c.profiles_run]
+        assert len(used) == 4 and all(c.strategy == "USER_MANAGED" for c in used)  # vision, embedding, decoder x2
+        assert {address for c in used for address in c.memory_run} == {backend.scratch.array.ptr}
+
+        num_cache = 2 * int(manifest.text["num_layers"])
+        assert not [c for c in device.copies if c[0] == "HostToDevice" and not c[2]]  # all from pinned memory
+        assert not [c for c in device.copies if c[0] == "DeviceToDevice"]  # no cache copied back after a run
+        if native:
+            # zeroed on the device at the engine's capacity (2 rows, 2 heads, 96 slots, head_dim 16, float32)
+            assert device.memsets.count(2 * 2 * 96 * 16 * 4) == num_cache and not device.row_copies
+        else:
+            # a cache of the prompt's length, grown once on the device for the decode steps
+            assert len(device.row_copies) == num_cache and max(device.memsets) < 2 * 2 * 96 * 16 * 4
+            cache = decoder.buffers["past_key_values.0.key"]
+            assert len(cache) == 2  # the cache and its spare, swapped after each run
+
+
+def test_fake_tensorrt_refuses_an_unaliased_cache(exported_qwen2_5_vl, tmp_path):
+    """The fake enforces what TensorRT enforces (so the test above can fail): a KVCacheUpdate output bound
+    elsewhere than its input is refused."""
+    from vlm_export.exporter.engines import build_engines
+    from vlm_export.runtime.backends.trt import BackendError, TrtBackend
+    from vlm_export.testing.fake_tensorrt import fake_tensorrt
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, folder)
+    with fake_tensorrt() as _:
+        manifest = build_engines(folder, progress=False, max_batch=1, max_seq_len=16, max_images=1)
+        backend = TrtBackend()
+        decoder = backend.load(folder / "decoder.onnx", manifest.graphs["decoder"])
+        decoder.aliases = {}  # as if the backend did not know the pairs
+        feeds = _random_feeds(manifest.graphs["decoder"], {"batch": 1, "sequence": 2, "total_sequence": 2,
+                                                            "cache_capacity": 16, "num_visual_tokens": 0})  # fmt: skip
+        feeds["attention_mask"][:] = 1
+        cache = {n: decoder.allocate(n, v.shape) for n, v in feeds.items() if n.startswith("past_key_values.")}
+        feeds.update(cache)
+        into = {n.replace("past_key_values.", "present."): v for n, v in cache.items()}
+        with pytest.raises(BackendError, match="execution failed"):
+            decoder.run(feeds, into=into)
+
+
+def test_libcudart_is_found_in_pip_wheels_and_missing_is_one_line(tmp_path, monkeypatch):
+    from vlm_export.runtime.backends import cuda_memory
+
+    pytest.importorskip("polygraphy")
+    import polygraphy.cuda.cuda as polygraphy_cuda
+
+    wheel = tmp_path / "site" / "nvidia" / "cu13" / "lib"
+    wheel.mkdir(parents=True)
+    (wheel / "libcudart.so.13").write_bytes(b"")
+    with monkeypatch.context() as patch:
+        patch.setattr(cuda_memory.sys, "path", [str(tmp_path / "nowhere"), str(tmp_path / "site")])
+        patch.setenv("LD_LIBRARY_PATH", str(tmp_path / "empty"))
+        dirs = cuda_memory.cudart_search_dirs()
+    assert dirs[0] == tmp_path / "empty" and wheel in dirs
+    assert cuda_memory.find_cudart([tmp_path / "empty", wheel]) == wheel / "libcudart.so.13"
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(cuda_memory, "_loaded", False)
+    monkeypatch.setattr(cuda_memory, "cudart_search_dirs", lambda: [tmp_path / "empty"])
+    with pytest.raises(cuda_memory.CudaError) as error:
+        cuda_memory.load_cuda_runtime()
+    message = str(error.value)
+    assert "\n" not in message and "libcudart.so was not found" in message and "nvidia-cuda-runtime" in message
+    # a file that is no library: one line too, and LD_LIBRARY_PATH is left as it was
+    monkeypatch.setattr(cuda_memory, "cudart_search_dirs", lambda: [wheel])
+    monkeypatch.setattr(polygraphy_cuda, "G_CUDA", None)  # polygraphy's cached wrapper
+    with pytest.raises(cuda_memory.CudaError, match=r"cannot load the CUDA runtime .*libcudart.so.13"):
+        cuda_memory.load_cuda_runtime()
+    assert cuda_memory.os.environ["LD_LIBRARY_PATH"] == str(tmp_path / "empty")
 
 
 # -- backends without TensorRT / CUDA ------------------------------------------------------------------
@@ -296,11 +442,100 @@ def test_decomposed_graphs_match_for_older_tensorrt(exported, tmp_path):
     assert worst <= 2e-5, worst
 
 
+def _random_feeds(info, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in info.inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.name == "attention_mask":
+            value = np.ones(shape, np.int64)
+            value[-1, :2] = 0
+        elif tensor.name == "position_ids":
+            value = np.broadcast_to(np.arange(shape[-1]) + dims["total_sequence"] - shape[-1], shape).astype(np.int64)
+        elif tensor.dtype == "bool":
+            value = np.zeros(shape, bool)
+        else:
+            value = rng.standard_normal(shape).astype(np.float32)
+        feeds[tensor.name] = value
+    return feeds
+
+
+def _without_trt_attributes(source: Path, target: Path) -> Path:
+    """The TensorRT copy with its TensorRT-private attributes dropped, which ONNX Runtime refuses."""
+    import onnx
+
+    from vlm_export.exporter.trt_ops import TRT_DECOMPOSABLE
+
+    model = onnx.load(str(source), load_external_data=False)
+    for node in model.graph.node:
+        kept = [a for a in node.attribute if a.name != TRT_DECOMPOSABLE]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_tensorrt_copy_pins_the_cache_and_marks_attention(exported_qwen2_5_vl, tmp_path):
+    """The decoder TensorRT builds from: cache capacity fixed (KVCacheUpdate needs a static s_max), batch still
+    symbolic, every Attention node decomposable; otherwise the same graph (same numbers on ONNX Runtime)."""
+    import onnx
+    import onnxruntime as ort
+
+    from vlm_export.exporter.trt_ops import TRT_DECOMPOSABLE, tensorrt_copy
+
+    manifest = Manifest.load(exported_qwen2_5_vl)
+    work = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, work)
+    source, target = work / "decoder.onnx", work / "decoder.trt.onnx"
+    report = tensorrt_copy(source, target, [], cache_capacity=16)
+    assert report.changed and report.cache_capacity == 16 and not report.rewritten
+    model = onnx.load(str(target), load_external_data=False)
+    caches = [v for v in [*model.graph.input, *model.graph.output] if v.name.startswith(("past_", "present."))]
+    assert len(caches) == 4 * int(manifest.text["num_layers"])
+    for value in caches:
+        dims = value.type.tensor_type.shape.dim
+        assert dims[2].dim_value == 16 and not dims[2].dim_param and dims[0].dim_param == "batch", value.name
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == report.decomposable_attention == int(manifest.text["num_layers"])
+    assert all({a.name: a.i for a in n.attribute}[TRT_DECOMPOSABLE] == 1 for n in attention)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    plain = _without_trt_attributes(target, work / "decoder.plain.onnx")
+    dims = {"batch": 2, "sequence": 3, "cache_capacity": 16, "total_sequence": 7, "num_visual_tokens": 0}
+    feeds = _random_feeds(manifest.graphs["decoder"], dims)
+    want = ort.InferenceSession(str(source), options).run(None, feeds)
+    got = ort.InferenceSession(str(plain), options).run(None, feeds)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(want, got, strict=True)) == 0.0
+    dims["cache_capacity"] = 9  # the copy takes no other capacity
+    with pytest.raises(Exception, match=r"(?i)dimension|shape"):
+        ort.InferenceSession(str(plain), options).run(None, _random_feeds(manifest.graphs["decoder"], dims))
+
+    # a graph with nothing to change gets no copy
+    embedding = tensorrt_copy(work / "embedding.onnx", work / "embedding.trt.onnx", [], cache_capacity=None)
+    assert not embedding.changed and not (work / "embedding.trt.onnx").exists()
+    # the rewritten decoder (TensorRT < 10.15) keeps a symbolic capacity and has no Attention node left
+    rewritten = tensorrt_copy(source, target, ["Attention", "TensorScatter"], cache_capacity=None)
+    assert rewritten.rewritten == ["Attention", "TensorScatter"] and rewritten.decomposable_attention == 0
+    model = onnx.load(str(target), load_external_data=False)
+    assert model.graph.input[-1].type.tensor_type.shape.dim[2].dim_param == "cache_capacity"
+
+
+def test_heads_packed_attention_is_rewritten_below_10_15(exported_qwen2_5_vl):
+    from vlm_export.exporter.trt_ops import check_graph
+
+    vision = exported_qwen2_5_vl / "vision_encoder.onnx"
+    assert "Attention" in check_graph(vision, "10.14").decomposable  # [segments, length, heads * head_dim]
+    assert "Attention" not in check_graph(vision, "10.15").unsupported
+    assert "Attention" not in check_graph(exported_qwen2_5_vl / "decoder.onnx", "10.14").unsupported  # 4-D
+
+
 def test_check_ops_reports_without_tensorrt(exported_qwen2_5_vl, exported_qwen3_vl_moe, capsys):
     from vlm_export.exporter.cli import main
 
     assert main(["build-engines", str(exported_qwen2_5_vl), "--check-ops", "10.3"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("TensorRT 10.3 ONNX parser (documents opsets up to 20) vs")
     lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert lines["vision_encoder"].endswith("rewrites RMSNormalization, RotaryEmbedding, Attention")
     assert lines["embedding"].endswith("imports as is")
@@ -336,3 +571,35 @@ def test_engine_metadata_round_trips_through_the_manifest(exported_qwen2_5_vl, t
     assert decoder["build_s"] == 1.23 and decoder["rewritten_ops"] == ["Attention"]
     with pytest.raises(BackendError, match=r"compute capability 8\.7"):
         check_engines(folder, loaded, "10.3.0.30", "9.0")
+
+
+def test_cpu_fallbacks_reads_onnxruntime_profiles(exported_qwen2_5_vl, tmp_path):
+    """The check tests/test_gpu.py runs on ONNX Runtime CUDA, read here from a real CPU profile: every float node
+    of a CPU session is reported; int64 shape arithmetic on the CPU and CUDA nodes are not."""
+    import onnxruntime as ort
+
+    from vlm_export.runtime.backends.ort import cpu_fallbacks
+
+    manifest = Manifest.load(exported_qwen2_5_vl)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "decoder")
+    decoder = str(exported_qwen2_5_vl / "decoder.onnx")
+    session = ort.InferenceSession(decoder, options, providers=["CPUExecutionProvider"])
+    dims = {"batch": 1, "sequence": 2, "cache_capacity": 4, "total_sequence": 2, "num_visual_tokens": 0}
+    session.run(None, _random_feeds(manifest.graphs["decoder"], dims))
+    found = cpu_fallbacks(session.end_profiling())
+    assert any("(Attention, CPUExecutionProvider)" in node for node in found)
+    assert any("(TensorScatter, CPUExecutionProvider)" in node for node in found)
+
+    profile = tmp_path / "synthetic.json"
+    node = {"cat": "Node", "name": "n_kernel_time"}
+    profile.write_text(json.dumps([
+        {**node, "args": {"op_name": "MatMul", "provider": "CUDAExecutionProvider",
+                          "input_type_shape": [{"float": [1, 2]}]}},
+        {**node, "args": {"op_name": "Gather", "provider": "CPUExecutionProvider",
+                          "input_type_shape": [{"int64": [3]}], "output_type_shape": [{"int64": [1]}]}},
+        {"cat": "Session", "name": "model_run", "args": {}},
+    ]))  # fmt: skip
+    assert cpu_fallbacks(profile) == []

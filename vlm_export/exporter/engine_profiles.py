@@ -1,10 +1,13 @@
 """TensorRT optimization profiles from the manifest's limits (torch-free: runs on a Jetson with the runtime only).
 
 Text axes follow from the limits: `batch` up to max_batch, `sequence`/`total_sequence` up to max_seq_len,
-`num_visual_tokens` (rows merged into the prompt) from 0. The KV cache's `cache_capacity` is fixed at max_seq_len:
-TensorRT's KVCacheUpdate layer (ONNX TensorScatter, updating the cache in place) needs a static capacity, and the
-runtime's `allocate` gives cache buffers of that size. The decoder gets two profiles on the same cache: prefill
-(any prompt length) and decode (one token, up to max_seq_len - 1 before it).
+`num_visual_tokens` (rows merged into the prompt) from 0. Where TensorRT imports TensorScatter as its KVCacheUpdate
+layer (in place), the KV cache's `cache_capacity` is fixed at max_seq_len: the layer needs a static capacity (the
+TensorRT copy of the graph pins the axis, `trt_ops.tensorrt_copy`) and the runtime's `allocate` gives buffers of
+that size. Where TensorScatter is rewritten (TensorRT < 10.15: an out-of-place scatter that copies the whole cache
+each step, and attention spans it), the capacity is a range, and the runtime grows the cache with the request as
+on ONNX Runtime. The decoder gets two profiles: prefill (any prompt length) and decode (one token, up to
+max_seq_len - 1 before it); the runtime picks the one whose tuned (opt) shapes are nearest.
 
 Vision axes (patch counts, attention segment tables, crops) depend on family preprocessing, so they are measured,
 not derived: the family's own host preprocessing runs on blank probe images at the pixel budget in several aspect
@@ -24,12 +27,14 @@ import PIL.Image
 
 from vlm_export.errors import VLMExportError
 from vlm_export.manifest import GraphInfo, Limits, Manifest
+from vlm_export.runtime.generation import CachedDecoding
 
 # width:height of the probe images; thin images have the most partial windows / tiles.
 PROBE_ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (4, 1), (1, 4))
 UNBOUNDED_PROBE_PIXELS = 4096 * 4096  # families without a pixel budget (tiling) are probed at this size
 TEXT_AXES = ("batch", "sequence", "cache_capacity", "total_sequence", "num_visual_tokens")
 OPT_SEQUENCE = 1024  # typical prompt length TensorRT tunes the prefill profile for
+DECODE_ROOM = CachedDecoding.INITIAL_ROOM  # new tokens the runtime first makes room for in the cache
 
 
 class ProfileError(VLMExportError):
@@ -124,25 +129,31 @@ def probe_vision(manifest: Manifest, folder: Path, limits: EngineLimits) -> Visi
     return VisionProbe(axes=axes, max_visual_tokens=max_tokens, opt_visual_tokens=square_tokens)
 
 
-def _text_axes(limits: EngineLimits, visual_max: int, visual_opt: int, phase: str) -> dict[str, AxisRange]:
+def _text_axes(
+    limits: EngineLimits, visual_max: int, visual_opt: int, phase: str, static_cache: bool = True
+) -> dict[str, AxisRange]:
     batch, seq = limits.max_batch, limits.max_seq_len
     visual_max = min(visual_max, batch * seq)
     visual = AxisRange(0, min(visual_opt, visual_max), visual_max)
     opt_seq = min(seq, OPT_SEQUENCE)
+    fixed = AxisRange(seq, seq, seq)
     if phase == "prefill":
+        # the runtime's prefill cache is exactly the prompt
         return {
             "batch": AxisRange(1, 1, batch),
             "sequence": AxisRange(1, opt_seq, seq),
-            "cache_capacity": AxisRange(seq, seq, seq),
+            "cache_capacity": fixed if static_cache else AxisRange(1, opt_seq, seq),
             "total_sequence": AxisRange(1, opt_seq, seq),
             "num_visual_tokens": visual,
         }
     if phase == "decode":
         opt_past = min(opt_seq, seq - 1)
+        # the runtime's decode cache: the prompt plus room that starts at DECODE_ROOM new tokens and doubles
+        opt_capacity = min(seq, opt_past + 1 + DECODE_ROOM)
         return {
             "batch": AxisRange(1, 1, batch),
             "sequence": AxisRange(1, 1, 1),
-            "cache_capacity": AxisRange(seq, seq, seq),
+            "cache_capacity": fixed if static_cache else AxisRange(2, opt_capacity, seq),
             "total_sequence": AxisRange(2, opt_past + 1, seq),
             "num_visual_tokens": AxisRange(0, 0, 0),
         }
@@ -172,8 +183,11 @@ def profile_for(info: GraphInfo, axes: dict[str, AxisRange], name: str) -> Profi
     return spec
 
 
-def engine_profiles(manifest: Manifest, folder: Path, limits: EngineLimits) -> dict[str, list[ProfileSpec]]:
-    """Profiles per graph name."""
+def engine_profiles(
+    manifest: Manifest, folder: Path, limits: EngineLimits, static_cache: bool = True
+) -> dict[str, list[ProfileSpec]]:
+    """Profiles per graph name; `static_cache`: the decoder's cache capacity is fixed at max_seq_len (TensorScatter
+    imported as KVCacheUpdate), else a range (TensorScatter rewritten)."""
     if limits.max_seq_len < 2:
         raise ProfileError("--max-seq-len must be at least 2 for TensorRT engines (prompt + one generated token)")
     if limits.max_batch < 1 or limits.max_images < 1:
@@ -185,7 +199,11 @@ def engine_profiles(manifest: Manifest, folder: Path, limits: EngineLimits) -> d
             profiles[name] = [profile_for(info, probe.axes, "images")]
         elif name == "decoder":
             profiles[name] = [
-                profile_for(info, _text_axes(limits, probe.max_visual_tokens, probe.opt_visual_tokens, phase), phase)
+                profile_for(
+                    info,
+                    _text_axes(limits, probe.max_visual_tokens, probe.opt_visual_tokens, phase, static_cache),
+                    phase,
+                )
                 for phase in ("prefill", "decode")
             ]
         else:

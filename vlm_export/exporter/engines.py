@@ -21,6 +21,7 @@ from typing import Any
 
 from vlm_export.errors import VLMExportError
 from vlm_export.exporter.engine_profiles import EngineLimits, ProfileSpec, engine_profiles
+from vlm_export.exporter.trt_ops import parse_version
 from vlm_export.manifest import Manifest
 from vlm_export.runtime.backends.trt import ENGINE_KEY, INSTALL_HINT
 
@@ -34,6 +35,7 @@ DEFAULT_MAX_SEQ_LEN = 4096
 MAX_IMPLICIT_SEQ_LEN = 32768
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPS_MODES = ("auto", "decompose")
+STRONGLY_TYPED_ONLY = (11, 0)  # TensorRT 11 removed BuilderFlag.FP16/BF16 (weakly typed builds)
 
 
 class EngineBuildError(VLMExportError):
@@ -94,9 +96,10 @@ def resolve_limits(
     return EngineLimits(max_batch=batch, max_seq_len=seq, max_image_pixels=pixels, max_images=images)
 
 
-def resolve_precision(precision: str, export_dtype: str) -> tuple[str, bool]:
+def resolve_precision(precision: str, export_dtype: str, trt_version: str = "10.15") -> tuple[str, bool]:
     """(engine precision, strongly typed). `auto` follows the ONNX types exactly (strongly typed); fp16/bf16 on a
-    float32 export let TensorRT choose lower-precision kernels (weakly typed, I/O stays float32)."""
+    float32 export let TensorRT choose lower-precision kernels (weakly typed, I/O stays float32). TensorRT 11
+    builds strongly typed networks only (its FP16/BF16 builder flags are gone): there the ONNX types decide."""
     if precision not in PRECISIONS:
         raise EngineBuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
     native = {"float32": "fp32", "float16": "fp16"}.get(export_dtype)
@@ -104,6 +107,12 @@ def resolve_precision(precision: str, export_dtype: str) -> tuple[str, bool]:
         raise EngineBuildError(f"this export's dtype {export_dtype} has no TensorRT build rule; re-export it")
     if precision in ("auto", native):
         return native, True
+    if native == "fp32" and parse_version(trt_version) >= STRONGLY_TYPED_ONLY:
+        hint = "re-export with --dtype float16" if precision == "fp16" else "bf16 exports are not supported"
+        raise EngineBuildError(
+            f"TensorRT {trt_version} builds only strongly typed engines, whose precision is the export's "
+            f"({export_dtype}): for --precision {precision} {hint}, or build with --precision auto"
+        )
     if native == "fp32":
         return precision, False
     raise EngineBuildError(
@@ -137,7 +146,9 @@ def _build_one(
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
+    # TensorRT 11 networks are always strongly typed; its STRONGLY_TYPED creation flag is deprecated and ignored
+    typed_flag = strongly_typed and parse_version(trt.__version__) < STRONGLY_TYPED_ONLY
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=typed_flag)
     pools = {trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))} if workspace_gb else None
     config = CreateConfig(
         fp16=precision == "fp16" and not strongly_typed,
@@ -200,7 +211,7 @@ def build_engines(
     """Build `<graph>.engine` for each graph of an exported folder and record them in its manifest."""
     from tqdm import tqdm
 
-    from vlm_export.exporter.trt_ops import DECOMPOSABLE, check_graph, decompose
+    from vlm_export.exporter.trt_ops import DECOMPOSABLE, check_graph, tensorrt_copy
     from vlm_export.runtime.backends.trt import compute_capability
 
     folder = Path(folder).expanduser().resolve()
@@ -208,7 +219,14 @@ def build_engines(
     trt = require_tensorrt()
     if ops not in OPS_MODES:
         raise EngineBuildError(f"--ops must be one of {', '.join(OPS_MODES)}, got {ops}")
-    engine_precision, strongly_typed = resolve_precision(precision, manifest.dtype)
+    engine_precision, strongly_typed = resolve_precision(precision, manifest.dtype, trt.__version__)
+    if not strongly_typed:
+        logger.warning(
+            "--precision %s on a %s export builds a weakly typed engine, deprecated since TensorRT 10.15 and gone in "
+            "11; a --dtype float16 export with --precision auto gives strongly typed fp16 engines",
+            engine_precision,
+            manifest.dtype,
+        )
     limits = resolve_limits(
         manifest,
         max_batch=max_batch,
@@ -216,7 +234,6 @@ def build_engines(
         max_image_pixels=max_image_pixels,
         max_images=max_images,
     )
-    profiles = engine_profiles(manifest, folder, limits)
     names = graphs or list(manifest.graphs)
     unknown = [n for n in names if n not in manifest.graphs]
     if unknown:
@@ -233,20 +250,28 @@ def build_engines(
     problems = [f"{name}: {why}" for name, r in reports.items() for why in [*r.blocking.values(), *r.restrictions]]
     if problems:  # before building anything
         raise EngineBuildError(f"TensorRT {trt.__version__} cannot import this export: {'; '.join(problems)}")
+    rewrites = {}
+    for name, report in reports.items():
+        present = {op for domain, op in report.ops if domain in ("", "ai.onnx")}
+        rewrites[name] = report.decomposable if ops == "auto" else sorted(present & set(DECOMPOSABLE))
+    # an in-place KVCacheUpdate needs a fixed capacity; a rewritten (out-of-place) TensorScatter grows with the request
+    decoder_rewrite = rewrites.get("decoder", previous.get("graphs", {}).get("decoder", {}).get("rewritten_ops", []))
+    static_cache = "TensorScatter" not in decoder_rewrite
+    profiles = engine_profiles(manifest, folder, limits, static_cache=static_cache)
     if not graphs and ENGINE_KEY in manifest.engines:  # a failed rebuild must not leave stale engines described
         del manifest.engines[ENGINE_KEY]
         manifest.save(folder)
     timing_cache = folder / TIMING_CACHE
     for name in tqdm(names, desc="engines", unit="graph", disable=not progress, leave=False):
         onnx_path = folder / manifest.graphs[name].file
-        report = reports[name]
-        present = {op for domain, op in report.ops if domain in ("", "ai.onnx")}
-        rewrite = report.decomposable if ops == "auto" else sorted(present & set(DECOMPOSABLE))
-        source, rewritten = onnx_path, []
-        if rewrite:
-            source = onnx_path.with_name(f"{name}.trt.onnx")
-            rewritten = decompose(onnx_path, source, rewrite)
+        source = onnx_path.with_name(f"{name}.trt.onnx")
+        capacity = limits.max_seq_len if name == "decoder" and static_cache else None
+        copy = tensorrt_copy(onnx_path, source, rewrites[name], cache_capacity=capacity)
+        rewritten = copy.rewritten
+        if rewritten:
             logger.info("%s: rewrote %s into primitive ONNX ops for TensorRT %s", name, rewritten, trt.__version__)
+        if not copy.changed:
+            source = onnx_path
         engine_path = folder / f"{name}.engine"
         start = time.perf_counter()
         try:
@@ -331,10 +356,11 @@ def summary(manifest: Manifest, folder: Path) -> str:
 
 def check_ops(folder: Path, trt_version: str) -> tuple[bool, str]:
     """(importable, report) of every graph of `folder` for TensorRT `trt_version`, without TensorRT."""
-    from vlm_export.exporter.trt_ops import check_graph
+    from vlm_export.exporter.trt_ops import check_graph, documented_opset
 
     manifest = Manifest.load(folder)
-    ok, lines = True, [f"TensorRT {trt_version} ONNX parser vs {folder}:"]
+    documented = documented_opset(parse_version(trt_version))
+    ok, lines = True, [f"TensorRT {trt_version} ONNX parser (documents opsets up to {documented}) vs {folder}:"]
     for name, info in manifest.graphs.items():
         report = check_graph(folder / info.file, trt_version)
         problems = [*report.blocking.values(), *report.restrictions]

@@ -46,8 +46,17 @@ UNSUPPORTED = {
 # ops `decompose` can rewrite from their ONNX function definition
 DECOMPOSABLE = ("Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter")
 MAX_OPSET = {(10, 0): 20, (10, 15): 24}  # documented opset range upper bound from this release on
+# 10.15's operators.md: Attention "Q, K, V and attn_mask must be 4D"; its importer reshapes 3-D inputs by
+# q_num_heads, 10.14's is not known to: graphs with heads-packed Attention are rewritten below 10.15.
+PACKED_ATTENTION = (10, 15)
 # What each non-default-domain op is and the export option that avoids it.
 CONTRIB_HINTS = {"MoE": "re-export with --moe-form dense (plain ONNX ops TensorRT imports)"}
+
+
+def documented_opset(trt_version: tuple[int, int]) -> int:
+    """The highest ONNX opset TensorRT `trt_version`'s operators.md documents. Newer opsets still import (the parser
+    warns only below opset 7; importers branch on `getOpsetVersion() >= N`): our graphs are 23/24 on 10.x."""
+    return max(opset for since, opset in MAX_OPSET.items() if since <= trt_version)
 
 
 def parse_version(version: str) -> tuple[int, int]:
@@ -133,8 +142,21 @@ def check_graph(path: Path | str, trt_version: str | tuple[int, int]) -> GraphRe
         ok, why = op_support(node.op_type, node.domain, version)
         if not ok:
             report.unsupported[node.op_type] = why
+    if version < PACKED_ATTENTION and "Attention" not in report.unsupported and _packed_attention(model):
+        report.unsupported["Attention"] = (
+            "Attention on heads-packed 3-D inputs needs TensorRT 10.15+ (10.14's importer takes 4-D inputs only)"
+        )
     report.restrictions = _restrictions(model)
     return report
+
+
+def _packed_attention(model: onnx.ModelProto) -> bool:
+    """Whether an Attention node takes 3-D [batch, length, heads * head_dim] inputs (the Qwen vision graphs)."""
+    attention = [node for node in model.graph.node if node.op_type == "Attention" and node.domain in ("", "ai.onnx")]
+    if not attention:
+        return False
+    types = _value_types(model)
+    return any(node.input[0] in types and len(types[node.input[0]].tensor_type.shape.dim) == 3 for node in attention)
 
 
 # -- decomposition --------------------------------------------------------------------------------------
@@ -280,11 +302,9 @@ def _prune(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(initializers)
 
 
-def decompose(source: Path, target: Path, ops: list[str]) -> list[str]:
-    """Write `source` to `target` with every node of `ops` replaced by its ONNX function body; returns the ops
-    rewritten. Weights stay where they are: `target` must sit in the same folder and refers to the same external
-    data file."""
-    model = onnx.load(str(source), load_external_data=False)
+def _decompose_model(model: onnx.ModelProto, ops: list[str]) -> list[str]:
+    """Replace every node of `ops` in `model` by its ONNX function body (or hand-written rewrite); returns the
+    ops rewritten."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     types = _value_types(model)
     nodes, done = [], set()
@@ -304,5 +324,77 @@ def decompose(source: Path, target: Path, ops: list[str]) -> list[str]:
     model.graph.node.extend(nodes)
     _fold_shape_constants(model)
     _prune(model)
-    onnx.save(model, str(target))
     return sorted(done)
+
+
+def decompose(source: Path, target: Path, ops: list[str]) -> list[str]:
+    """Write `source` to `target` with every node of `ops` replaced by its ONNX function body; returns the ops
+    rewritten. Weights stay where they are: `target` must sit in the same folder and refers to the same external
+    data file."""
+    model = onnx.load(str(source), load_external_data=False)
+    done = _decompose_model(model, ops)
+    onnx.save(model, str(target))
+    return done
+
+
+# -- the TensorRT copy of a graph ---------------------------------------------------------------------------
+#: The KV cache's sequence axis (decoder inputs past_key_values.*, outputs present.*).
+CACHE_AXIS = "cache_capacity"
+#: Attribute onnx-tensorrt's Attention importer reads into IAttention::setDecomposable (default 0: one fused
+#: kernel or a failed build). TensorRT-private: ONNX Runtime refuses a node that carries it.
+TRT_DECOMPOSABLE = "TRT_decomposable"
+
+
+def pin_axis(model: onnx.ModelProto, axis: str, size: int) -> int:
+    """Give the symbolic dimension `axis` the fixed size `size` on every graph input, output and value_info;
+    returns how many dimensions were pinned."""
+    pinned = 0
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param == axis:
+                dim.dim_value = size  # clears dim_param (a oneof)
+                pinned += 1
+    return pinned
+
+
+def mark_attention_decomposable(model: onnx.ModelProto) -> int:
+    """Set TRT_decomposable=1 on every ONNX Attention node, so TensorRT may split IAttention into several kernels
+    where no fused kernel fits (float32, small head sizes, masks it has no fused kernel for) instead of failing
+    the build; returns how many nodes were marked."""
+    marked = 0
+    for node in model.graph.node:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            kept = [a for a in node.attribute if a.name != TRT_DECOMPOSABLE]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute(TRT_DECOMPOSABLE, 1)])
+            marked += 1
+    return marked
+
+
+@dataclass
+class TensorRTCopy:
+    """What `tensorrt_copy` changed: ops rewritten, the cache capacity pinned (None: left symbolic), Attention
+    nodes marked decomposable."""
+
+    rewritten: list[str] = field(default_factory=list)
+    cache_capacity: int | None = None
+    decomposable_attention: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rewritten or self.cache_capacity or self.decomposable_attention)
+
+
+def tensorrt_copy(source: Path, target: Path, rewrite: list[str], cache_capacity: int | None) -> TensorRTCopy:
+    """Write the graph TensorRT builds from: `rewrite` ops decomposed, the cache axis fixed at `cache_capacity`
+    (IKVCacheUpdateLayer, i.e. a TensorScatter TensorRT imports, needs a static capacity: a symbolic ONNX dimension
+    stays -1 in the network whatever the profile), Attention nodes marked decomposable. Nothing is written when
+    nothing changes (`changed` is False). `target` sits next to `source` and shares its external weights."""
+    model = onnx.load(str(source), load_external_data=False)
+    report = TensorRTCopy(rewritten=_decompose_model(model, rewrite) if rewrite else [])
+    if cache_capacity is not None and pin_axis(model, CACHE_AXIS, cache_capacity):
+        report.cache_capacity = cache_capacity
+    report.decomposable_attention = mark_attention_decomposable(model)
+    if report.changed:
+        onnx.save(model, str(target))
+    return report

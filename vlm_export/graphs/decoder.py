@@ -81,6 +81,11 @@ def additive_causal_mask(
 
     Key slots from `total` on are beyond every query position, so causality alone masks the unwritten part
     of the cache; the padding mask is zero-extended to the capacity only to give it that width.
+
+    A left-pad query position has no real key before it; it may attend to itself, so that no row is fully
+    masked: GPU attention kernels turn an all-`finfo.min` row into NaN (scaled to -inf, then 0 * inf), and a NaN
+    in a pad row's output would reach every row through the next layer's keys. What a pad row computes is never
+    read: every real query masks pad keys.
     """
     total = attention_mask.shape[1]
     past_len = total - query_len
@@ -88,7 +93,7 @@ def additive_causal_mask(
     key_pos = torch.arange(capacity, device=attention_mask.device)
     query_pos = torch.arange(query_len, device=attention_mask.device) + past_len
     causal = key_pos[None, :] <= query_pos[:, None]
-    allowed = causal[None, :, :] & padding[:, None, :].bool()
+    allowed = (causal[None, :, :] & padding[:, None, :].bool()) | (key_pos[None, :] == query_pos[:, None])[None]
     zero = torch.zeros((), dtype=dtype)
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, zero, neg)[:, None, :, :]
@@ -262,7 +267,7 @@ def decoder_spec(
     example = make(2, 3, 4, pads=[0, 2], spare=2)
     verify = [make(3, 7, 0, pads=[0, 3, 1], spare=5), make(2, 1, 9, pads=[4, 0], spare=3), make(1, 2, 3, [0], 0)]
 
-    def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def run_reference(feeds: dict[str, torch.Tensor], attention_mask: torch.Tensor):
         seq = feeds["inputs_embeds"].shape[1]
         past = feeds["attention_mask"].shape[1] - seq
         cache = DynamicCache(config=tc)
@@ -273,18 +278,32 @@ def decoder_spec(
                     feeds[f"past_key_values.{layer}.value"][:, :, :past],
                     layer,
                 )
-        out = text_model(
+        return text_model(
             inputs_embeds=feeds["inputs_embeds"],
-            attention_mask=feeds["attention_mask"],
+            attention_mask=attention_mask,
             position_ids=feeds["position_ids"],
             cache=cache,
             use_cache=True,
             **(extra.reference_kwargs(feeds) if extra else {}),
         )
+
+    def reference(feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        mask = feeds["attention_mask"]
+        seq = feeds["inputs_embeds"].shape[1]
+        past = mask.shape[1] - seq
+        out = run_reference(feeds, mask)
+        # Left-pad positions write keys/values no real query reads; what the graph writes there (each pad query
+        # attends to itself, see `additive_causal_mask`) is what transformers' layers give under that 4D mask.
+        pads = mask[:, past:] == 0
+        padded = run_reference(feeds, additive_causal_mask(mask, seq, past + seq, dtype)) if pads.any() else None
         logits = lm_head(out.last_hidden_state[:, -1:, :])
         present = []
         for layer in range(num_layers):
-            for kind, grown in (("key", out.cache.layers[layer].keys), ("value", out.cache.layers[layer].values)):
+            for kind in ("key", "value"):
+                grown = getattr(out.cache.layers[layer], f"{kind}s").clone()
+                if padded is not None:
+                    at_pads = getattr(padded.cache.layers[layer], f"{kind}s")[:, :, past:]
+                    grown[:, :, past:] = torch.where(pads[:, None, :, None], at_pads, grown[:, :, past:])
                 buffer = feeds[f"past_key_values.{layer}.{kind}"].clone()
                 buffer[:, :, : past + seq] = grown
                 present.append(buffer)

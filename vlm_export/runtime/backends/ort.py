@@ -9,6 +9,7 @@ positions, in place, on either device (on the CPU the `OrtValue` wraps a numpy a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -162,17 +163,28 @@ class OrtCudaBackend:
     name = "ort-cuda"
 
     def __init__(self, device_id: int = 0, threads: int | None = None):
-        available = ort.get_available_providers()
+        available = ort.get_available_providers()  # compiled in; whether CUDA loads is checked per session
         if "CUDAExecutionProvider" not in available:
             raise BackendError(
                 f"the ort-cuda backend needs onnxruntime-gpu, but the installed onnxruntime {ort.__version__} has "
                 f"only {', '.join(available)}; {INSTALL_GPU_HINT}"
             )
+        preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu 1.21+
+        if preload is not None:
+            # CUDA / cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn] (or torch's), which the CUDA
+            # provider's library does not find by itself; a failure shows as the provider check in `load`
+            try:
+                preload()
+            except Exception as error:  # best effort: reported when a session cannot use CUDA
+                logger.debug("onnxruntime.preload_dlls failed: %s", error)
         self.device_id = device_id
         self.threads = _threads(threads)
 
     def load(self, path: Path, info: GraphInfo) -> OrtSession:
-        providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        # TF32 off (ONNX Runtime's CUDA default is on): float32 exports compute in float32, as on the CPU and in
+        # the TensorRT engines (polygraphy clears TF32), which is what the parity with transformers is proven for
+        cuda = {"device_id": self.device_id, "use_tf32": 0}
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         session = OrtSession(
             path, info, providers, self.threads, device="cuda", device_id=self.device_id, io_binding=True
         )
@@ -182,3 +194,26 @@ class OrtCudaBackend:
                 f"GPU visible); check `nvidia-smi` and the CUDA version onnxruntime-gpu {ort.__version__} needs"
             )
         return session
+
+
+#: Floating-point element types as ONNX Runtime's profiler names them.
+_FLOAT_TYPES = {"float", "float16", "bfloat16", "double"}
+
+
+def cpu_fallbacks(profile_file: str | Path) -> list[str]:
+    """Nodes of an ONNX Runtime profile (SessionOptions.enable_profiling) that computed on floating-point data on
+    the CPU, or copied it between devices: on the ort-cuda backend, nodes that had no CUDA kernel. ONNX Runtime
+    puts shape arithmetic on the CPU on purpose; that is int64 and not listed."""
+    found = []
+    for event in json.loads(Path(profile_file).read_text()):
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or "op_name" not in args:
+            continue
+        types = {
+            kind for entry in args.get("input_type_shape", []) + args.get("output_type_shape", []) for kind in entry
+        }
+        on_cpu = args.get("provider") == "CPUExecutionProvider"
+        copy = args["op_name"].startswith("Memcpy")
+        if (on_cpu or copy) and types & _FLOAT_TYPES:
+            found.append(f"{event['name'].removesuffix('_kernel_time')} ({args['op_name']}, {args.get('provider')})")
+    return sorted(set(found))

@@ -1,14 +1,17 @@
 """TensorRT backend: engines built by `vlm-export build-engines`, run with execution contexts on one CUDA stream.
 
-Device memory goes through polygraphy's CUDA wrapper (ctypes over libcudart), never torch. Outputs are
-`GpuTensor`s that stay on the GPU and are accepted back as inputs; only `to_numpy` copies (the last-position
+Device memory goes through polygraphy's CUDA wrapper (ctypes over libcudart, `cuda_memory`), never torch. Outputs
+are `GpuTensor`s that stay on the GPU and are accepted back as inputs; only `to_numpy` copies (the last-position
 logits, once per step). Each output name has two device buffers used in turn, so an output stays valid until the
-session has run twice more. The KV cache is different: `allocate` gives one buffer per cache input and `run(...,
-into=...)` binds the matching `present` output to the same address, which is what TensorRT's KVCacheUpdate layer
-(ONNX TensorScatter) requires: it updates the cache in place. An engine built with a fixed cache capacity
-(min = max in every profile) gets buffers of that capacity, whatever the caller asked for. Engines built for a
-TensorRT without TensorScatter import (the graph rewritten to an out-of-place ScatterElements) never alias: their
-`into` outputs are written to a pool buffer and copied into place on the GPU after the run.
+session has run twice more. Host inputs go to the GPU through pinned buffers. Every execution context (one per
+optimization profile, created on first use) takes its activation memory from the backend's one shared block.
+
+The KV cache: `allocate` gives one zeroed buffer per cache input and `run(..., into=...)` writes the matching
+`present` output into it. An engine that imported TensorScatter as KVCacheUpdate (TensorRT 10.15+) updates it in
+place: `present` is bound to the `past` address (the engine names the pair, `get_aliased_input_tensor`), and the
+cache has the engine's fixed capacity (max-seq-len) whatever the caller asked for. An engine built from the
+rewritten graph (TensorRT < 10.15: an out-of-place scatter) writes `present` to the cache's second buffer, and the
+two swap after the run (no copy back); its capacity is dynamic, and `grow` enlarges it as the request goes on.
 
 tensorrt and polygraphy are imported when the backend is created, never at module import, so the runtime imports
 and runs on machines without them.
@@ -27,6 +30,7 @@ import numpy as np
 
 from vlm_export.errors import InputError, VLMExportError
 from vlm_export.manifest import GraphInfo, Manifest
+from vlm_export.runtime.backends.cuda_memory import CudaCalls, PinnedStaging, ScratchMemory, load_cuda_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,6 @@ AXIS_FLAGS = {
     "total_sequence": "--max-seq-len",
 }
 VISION_FLAGS = "--max-images or --max-image-pixels"
-_MIN_ALLOC = 256  # bytes; empty tensors still get a valid, aligned address
 
 
 class BackendError(VLMExportError):
@@ -99,11 +102,15 @@ def limit_message(graph: str, name: str, axis: str, value: int, low: int, high: 
 
 @dataclass
 class GpuTensor:
-    """A tensor in device memory owned by a session's buffer pool (valid until that session's second-next run)."""
+    """A tensor in device memory owned by a session: an output (valid until that session's second-next run) or
+    an `allocate`d buffer (`owner`: the input it was allocated for; `spare`: its second buffer when the engine
+    writes the cache out of place, swapped with `ptr` after each run)."""
 
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    owner: str | None = None
+    spare: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -118,19 +125,17 @@ def _import_trt():
             f"the trt backend needs TensorRT, which is not installed: {INSTALL_HINT}; or use --backend ort-cpu"
         ) from None
     try:
-        from polygraphy import cuda
+        import polygraphy  # noqa: F401
     except ImportError:
         raise BackendError(
             f"the trt backend needs polygraphy, which is not installed: {INSTALL_HINT}; or use --backend ort-cpu"
         ) from None
-    return trt, cuda
+    return trt, load_cuda_runtime()
 
 
-def compute_capability(device_id: int = 0) -> str:
+def compute_capability(device_id: int = 0, cuda: Any = None) -> str:
     """ "major.minor" of a CUDA device, via the CUDA runtime polygraphy loads."""
-    from polygraphy import cuda
-
-    handle = cuda.wrapper().handle
+    handle = (cuda or load_cuda_runtime()).wrapper().handle
     major, minor = ctypes.c_int(), ctypes.c_int()
     # cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76
     if handle.cudaDeviceGetAttribute(ctypes.byref(major), 75, device_id) or handle.cudaDeviceGetAttribute(
@@ -140,12 +145,34 @@ def compute_capability(device_id: int = 0) -> str:
     return f"{major.value}.{minor.value}"
 
 
+def profile_memory(engine: Any, index: int) -> int:
+    """Activation memory an execution context needs for profile `index` (TensorRT 10.1+; the engine-wide
+    maximum before)."""
+    query = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    if query is not None:
+        return int(query(index))
+    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+
+
+def profile_distance(ranges: Mapping[str, tuple], shapes: Mapping[str, tuple[int, ...]]) -> float:
+    """How far `shapes` are from a profile's opt shapes, each axis scaled by its range: the profile TensorRT tuned
+    for shapes most like these has the smallest distance."""
+    distance = 0.0
+    for name, shape in shapes.items():
+        low, opt, high = ranges[name]
+        for value, lo, op, hi in zip(shape, low, opt, high, strict=True):
+            if hi > lo:
+                distance += abs(value - op) / (hi - lo)
+    return distance
+
+
 class TrtSession:
     """One engine; one execution context per optimization profile, created on first use."""
 
     def __init__(self, backend: TrtBackend, engine: Any, info: GraphInfo, name: str, meta: dict):
         trt = backend.trt
         self.backend = backend
+        self.calls = backend.calls
         self.engine = engine
         self.info = info
         self.name = name
@@ -161,12 +188,25 @@ class TrtSession:
             for index in range(engine.num_optimization_profiles)
         ]
         self.axes = {t.name: t.shape for t in info.inputs}
+        self.aliases = self._aliases(meta)
         self.contexts: dict[int, Any] = {}
+        self.memory_sizes: dict[int, int] = {}  # profile -> activation memory its context needs
+        self.context_memory: dict[int, tuple[int, int]] = {}  # profile -> (address, size) set on its context
         self.staging: dict[str, Any] = {}
+        self.pinned = PinnedStaging(self.calls)
         self.pools: dict[str, list[Any]] = {}
-        self.allocated: dict[str, Any] = {}
-        # KVCacheUpdate layers need present aliased to past; a rewritten TensorScatter must not alias
-        self.aliasing = "TensorScatter" not in meta.get("rewritten_ops", [])
+        self.turns: dict[str, int] = {}
+        self.buffers: dict[str, list[Any]] = {}  # allocate()d input name -> its device arrays
+
+    def _aliases(self, meta: dict) -> dict[str, str]:
+        """Output -> the input whose memory it must share (KVCacheUpdate updates the cache in place)."""
+        query = getattr(self.engine, "get_aliased_input_tensor", None)  # TensorRT 10.15+
+        if query is not None:
+            return {name: query(name) for name in self.outputs if query(name)}
+        if "TensorScatter" in meta.get("rewritten_ops", []):
+            return {}
+        pairs = {name: name.replace("present.", "past_key_values.", 1) for name in self.outputs}
+        return {out: inp for out, inp in pairs.items() if out.startswith("present.") and inp in self.inputs}
 
     # -- profiles ------------------------------------------------------------------------------------
     def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -177,9 +217,11 @@ class TrtSession:
         return True
 
     def select_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
-        for index in range(len(self.ranges)):
-            if self._fits(index, shapes):
-                return index
+        """The profile that accepts `shapes` and was tuned for the most similar ones (decode steps fit the
+        prefill profile too, but run the kernels tuned for one token)."""
+        fitting = [index for index in range(len(self.ranges)) if self._fits(index, shapes)]
+        if fitting:
+            return min(fitting, key=lambda index: profile_distance(self.ranges[index], shapes))
         # Name the first axis outside the widest range any profile allows.
         for name, shape in shapes.items():
             for dim, value in enumerate(shape):
@@ -194,22 +236,27 @@ class TrtSession:
         )
 
     def _context(self, index: int) -> Any:
+        """The context of profile `index`, its activation memory in the backend's shared block."""
         context = self.contexts.get(index)
-        if context is None:
-            context = self.engine.create_execution_context()
+        created = context is None
+        if created:
+            strategy = self.backend.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            context = self.engine.create_execution_context(strategy)
             if context is None:
                 raise BackendError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
-            if not context.set_optimization_profile_async(index, self.backend.stream.ptr):
-                raise BackendError(f"{self.name}: TensorRT refused optimization profile {index}")
             self.contexts[index] = context
+        size = self.memory_sizes.get(index)
+        if size is None:
+            size = self.memory_sizes[index] = profile_memory(self.engine, index)
+        address = self.backend.scratch.reserve(size)
+        if self.context_memory.get(index) != (address, size):
+            context.set_device_memory(address, size)
+            self.context_memory[index] = (address, size)
+        if created and not context.set_optimization_profile_async(index, self.backend.stream.ptr):
+            raise BackendError(f"{self.name}: TensorRT refused optimization profile {index}")
         return context
 
     # -- buffers -------------------------------------------------------------------------------------
-    def _grow(self, buffer: Any, nbytes: int) -> Any:
-        if buffer.allocated_nbytes < nbytes or buffer.allocated_nbytes == 0:
-            buffer.resize((max(nbytes, 2 * buffer.allocated_nbytes, _MIN_ALLOC),))
-        return buffer
-
     def _input_ptr(self, name: str, value: Any) -> tuple[int, tuple[int, ...]]:
         want = self.dtypes[name]
         if isinstance(value, GpuTensor):
@@ -217,38 +264,28 @@ class TrtSession:
                 raise BackendError(f"{self.name}: {name} is {value.dtype} on the GPU but the engine takes {want}")
             return value.ptr, value.shape
         array = np.ascontiguousarray(value, dtype=want)
-        cuda = self.backend.cuda
         buffer = self.staging.get(name)
         if buffer is None:
-            buffer = self.staging[name] = cuda.DeviceArray.raw((0,))
-        self._grow(buffer, array.nbytes)
+            buffer = self.staging[name] = self.calls.device_array(array.nbytes, f"{self.name} input {name}")
+        self.calls.resize(buffer, array.nbytes, f"{self.name} input {name}")
         if array.nbytes:
-            cuda.wrapper().memcpy(
-                buffer.ptr, array.ctypes.data, array.nbytes, cuda.MemcpyKind.HostToDevice, self.backend.stream.ptr
-            )
+            self.pinned.copy(name, array, buffer.ptr, self.backend.stream.ptr)
         return buffer.ptr, tuple(array.shape)
 
     def _output_buffer(self, name: str, nbytes: int, busy: set[int]) -> Any:
-        cuda = self.backend.cuda
-        pool = self.pools.setdefault(name, [cuda.DeviceArray.raw((0,)), cuda.DeviceArray.raw((0,))])
-        free = [b for b in pool if b.ptr not in busy]
-        if not free:
-            raise BackendError(f"{self.name}: both buffers of output {name} are inputs of this call")
-        return self._grow(free[0], nbytes)
-
-    def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
-        """Zeros for input `name` (reusing this input's previous buffer); axes every profile fixes take that
-        size (a KVCacheUpdate cache must have a static capacity)."""
-        return self._write(name, np.zeros(self._fixed_shape(name, shape), dtype=self.dtypes[name]))
-
-    def upload(self, name: str, array: np.ndarray) -> GpuTensor:
-        """`array` in this input's buffer (the one `allocate` gives), zero-padded along axes the engine fixes."""
-        host = np.zeros(self._fixed_shape(name, array.shape), dtype=self.dtypes[name])
-        host[tuple(slice(0, n) for n in array.shape)] = array
-        return self._write(name, host)
+        """The output's two buffers in turn (one that is not an input of this call)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = self.pools[name] = [self.calls.device_array(nbytes, f"{self.name} output {name}") for _ in "ab"]
+        turn = self.turns.get(name, 0)
+        for index in (turn, 1 - turn):
+            if pool[index].ptr not in busy:
+                self.turns[name] = 1 - index
+                return self.calls.resize(pool[index], nbytes, f"{self.name} output {name}")
+        raise BackendError(f"{self.name}: both buffers of output {name} are inputs of this call")
 
     def _fixed_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """`shape` with every axis that all profiles fix (min = max) set to that size."""
+        """`shape` with the axes every profile fixes set to that size (a KVCacheUpdate cache's capacity)."""
         if name not in self.inputs:
             raise BackendError(f"{self.name}: the engine has no input {name}")
         fixed = []
@@ -258,14 +295,45 @@ class TrtSession:
             fixed.append(lows.pop() if len(lows) == 1 and lows == highs else wanted)
         return tuple(fixed)
 
-    def _write(self, name: str, host: np.ndarray) -> GpuTensor:
-        buffer = self.allocated.get(name)
-        if buffer is None:
-            buffer = self.allocated[name] = self.backend.cuda.DeviceArray.raw((0,))
-        self._grow(buffer, host.nbytes)
-        cuda = self.backend.cuda
-        cuda.wrapper().memcpy(buffer.ptr, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice)
-        return GpuTensor(buffer.ptr, host.shape, host.dtype)
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
+        """This input's device buffers (reused from call to call) for `shape`, with the axes the engine fixes."""
+        tensor = GpuTensor(0, self._fixed_shape(name, shape), self.dtypes[name], owner=name)
+        arrays = self.buffers.setdefault(name, [])
+        if not arrays:
+            arrays.append(self.calls.device_array(tensor.nbytes, f"{self.name} {name}"))
+        for array in arrays:  # the second buffer of an out-of-place cache, when there is one
+            self.calls.resize(array, tensor.nbytes, f"{self.name} {name}")
+        tensor.ptr = int(arrays[0].ptr)
+        tensor.spare = int(arrays[1].ptr) if len(arrays) > 1 else None
+        return tensor
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> GpuTensor:
+        """Zeros for input `name` (reusing this input's previous buffers), zeroed on the GPU; axes every profile
+        fixes take that size."""
+        tensor = self._buffer(name, shape)
+        # finite: masked slots still enter attention's weighted sum as 0 * x
+        self.calls.memset(tensor.ptr, tensor.nbytes, self.backend.stream.ptr)
+        return tensor
+
+    def upload(self, name: str, array: np.ndarray) -> GpuTensor:
+        """`array` in this input's buffer (the one `allocate` gives), zero-padded along axes the engine fixes."""
+        tensor = self._buffer(name, array.shape)
+        host = np.zeros(tensor.shape, dtype=tensor.dtype)
+        host[tuple(slice(0, n) for n in array.shape)] = array
+        # from pageable memory: the call returns once `host` is staged, so it may go out of scope
+        self.calls.to_device(tensor.ptr, host.ctypes.data, host.nbytes, self.backend.stream.ptr)
+        return tensor
+
+    def _spare(self, target: GpuTensor) -> int:
+        """The second buffer of an `allocate`d cache, created on its first out-of-place write."""
+        if target.spare is None:
+            arrays = self.buffers.get(target.owner or "", [])
+            if not any(int(a.ptr) == target.ptr for a in arrays):
+                raise BackendError(f"{self.name}: an `into` buffer must come from this session's allocate")
+            spare = self.calls.device_array(target.nbytes, f"{self.name} {target.owner}")
+            arrays.append(spare)
+            target.spare = int(spare.ptr)
+        return target.spare
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, GpuTensor]:
@@ -274,14 +342,15 @@ class TrtSession:
         if missing:
             raise BackendError(f"{self.name}: inputs {missing} were not given")
         bound = {name: self._input_ptr(name, feeds[name]) for name in self.inputs}
+        stream = self.backend.stream.ptr
+        self.pinned.done(stream)
         index = self.select_profile({name: shape for name, (_, shape) in bound.items()})
         context = self._context(index)
         for name, (ptr, shape) in bound.items():
             if not context.set_input_shape(name, shape) or not context.set_tensor_address(name, ptr):
                 raise BackendError(f"{self.name}: TensorRT rejected input {name} with shape {shape}")
         busy = {ptr for ptr, _ in bound.values()}
-        outputs = {}
-        copies = []
+        outputs, swaps = {}, []
         for name in self.outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -294,51 +363,76 @@ class TrtSession:
                         f"{self.name}: output {name} is {shape} {dtype} but the buffer given for it is "
                         f"{target.shape} {target.dtype}"
                     )
+                aliased = self.aliases.get(name)
+                if aliased is not None:  # in place: the very buffer of the input it aliases
+                    if bound[aliased][0] != target.ptr:
+                        raise BackendError(f"{self.name}: output {name} must be written into input {aliased}")
+                    address = target.ptr
+                else:
+                    address = self._spare(target)
+                    swaps.append(target)
                 outputs[name] = target
-                if self.aliasing:
-                    context.set_tensor_address(name, target.ptr)
-                    continue
-                staged = self._output_buffer(name, target.nbytes, busy)
-                context.set_tensor_address(name, staged.ptr)
-                copies.append((target.ptr, staged.ptr, target.nbytes))
-                continue
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            buffer = self._output_buffer(name, nbytes, busy)
-            context.set_tensor_address(name, buffer.ptr)
-            outputs[name] = GpuTensor(buffer.ptr, shape, dtype)
-        if not context.execute_async_v3(self.backend.stream.ptr):
+            else:
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                address = int(self._output_buffer(name, nbytes, busy).ptr)
+                outputs[name] = GpuTensor(address, shape, dtype)
+            if not context.set_tensor_address(name, address):
+                raise BackendError(f"{self.name}: TensorRT rejected the address of output {name}")
+        if not context.execute_async_v3(stream):
             raise BackendError(f"{self.name}: TensorRT execution failed (see the TensorRT log above)")
-        cuda = self.backend.cuda
-        for dst, src, nbytes in copies:
-            cuda.wrapper().memcpy(dst, src, nbytes, cuda.MemcpyKind.DeviceToDevice, self.backend.stream.ptr)
+        for target in swaps:  # the new cache is in the spare buffer: it becomes the cache, the old one the spare
+            target.ptr, target.spare = target.spare, target.ptr
         return outputs
 
     def grow(self, buffer: GpuTensor, shape: tuple[int, ...]) -> GpuTensor:
-        """Cache buffers are allocated at the engine's fixed capacity (max-seq-len), which every request fits."""
+        """`buffer` enlarged to `shape` on the GPU (zeros, then its rows copied in). A buffer of an engine that
+        fixes the axis is already at least that large (the engine's max-seq-len capacity)."""
         if all(have >= want for have, want in zip(buffer.shape, shape, strict=True)):
             return buffer
-        raise BackendError(
-            f"{self.name}: a {buffer.shape} buffer cannot grow to {shape}: the engine fixes its size; rebuild the "
-            "engines with a larger --max-seq-len"
-        )
+        grown = tuple(self._fixed_shape(buffer.owner, shape)) if buffer.owner in self.inputs else shape
+        axes = [dim for dim, (have, want) in enumerate(zip(buffer.shape, grown, strict=True)) if have != want]
+        if grown != tuple(shape) or len(axes) != 1 or buffer.owner not in self.buffers:
+            raise BackendError(
+                f"{self.name}: a {buffer.shape} buffer cannot grow to {shape}: the engine fixes its size; rebuild "
+                "the engines with a larger --max-seq-len"
+            )
+        axis = axes[0]
+        stream = self.backend.stream.ptr
+        itemsize = buffer.dtype.itemsize
+        tensor = GpuTensor(0, grown, buffer.dtype, owner=buffer.owner)
+        array = self.calls.device_array(tensor.nbytes, f"{self.name} {buffer.owner}")
+        tensor.ptr = int(array.ptr)
+        self.calls.memset(tensor.ptr, tensor.nbytes, stream)
+        rows = int(np.prod(buffer.shape[:axis], dtype=np.int64))
+        src_pitch = int(np.prod(buffer.shape[axis:], dtype=np.int64)) * itemsize
+        dst_pitch = int(np.prod(grown[axis:], dtype=np.int64)) * itemsize
+        if rows and src_pitch:
+            self.calls.copy_rows(tensor.ptr, dst_pitch, buffer.ptr, src_pitch, src_pitch, rows, stream)
+        self.backend.stream.synchronize()  # the old buffers may still be read by queued work
+        for old in self.buffers[buffer.owner]:
+            old.free()
+        self.buffers[buffer.owner] = [array]
+        return tensor
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if not isinstance(value, GpuTensor):
             return np.asarray(value)
-        cuda = self.backend.cuda
         host = np.empty(value.shape, dtype=value.dtype)
         self.backend.stream.synchronize()
         if host.nbytes:
-            cuda.wrapper().memcpy(host.ctypes.data, value.ptr, host.nbytes, cuda.MemcpyKind.DeviceToHost)
+            self.calls.to_host(host.ctypes.data, value.ptr, host.nbytes)
         return host
 
     def free(self) -> None:
-        pooled = (b for pool in self.pools.values() for b in pool)
-        for buffer in [*self.staging.values(), *pooled, *self.allocated.values()]:
+        self.backend.stream.synchronize()
+        pooled = [b for pool in self.pools.values() for b in pool]
+        owned = [b for arrays in self.buffers.values() for b in arrays]
+        for buffer in [*self.staging.values(), *pooled, *owned]:
             buffer.free()
+        self.pinned.free()
         self.staging.clear()
         self.pools.clear()
-        self.allocated.clear()
+        self.buffers.clear()
 
 
 class TrtBackend:
@@ -349,13 +443,14 @@ class TrtBackend:
     def __init__(self, device_id: int = 0):
         self.trt, self.cuda = _import_trt()
         self.device_id = device_id
-        handle = self.cuda.wrapper().handle
-        if handle.cudaSetDevice(device_id):
+        self.calls = CudaCalls(self.cuda)
+        if self.calls.handle.cudaSetDevice(device_id):
             raise BackendError(f"CUDA device {device_id} is not available; check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
-        self.compute_capability = compute_capability(device_id)
+        self.compute_capability = compute_capability(device_id, self.cuda)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.stream = self.cuda.Stream()
+        self.scratch = ScratchMemory(self.calls, self.stream)
         self.folder: Path | None = None
         self._meta: dict | None = None
 
