@@ -58,6 +58,7 @@ def int4_export(tmp_path_factory, tiny_qwen2_5_vl_dir):
 @pytest.fixture(scope="module")
 def int8_all_graphs(tmp_path_factory, exported_qwen2_5_vl):
     """The session's fp32 export quantized to int8 in a copy, all three graphs (exercises the Gemm rewrite)."""
+    from vlm_export.exporter.decoder_forms import add_decoder_forms
     from vlm_export.exporter.quantize import QuantizeConfig, quantize_export
     from vlm_export.manifest import Manifest
 
@@ -66,6 +67,7 @@ def int8_all_graphs(tmp_path_factory, exported_qwen2_5_vl):
     manifest = Manifest.load(out)
     config = QuantizeConfig(scheme="int8", graphs=("vision_encoder", "embedding", "decoder"))
     manifest.quantization = quantize_export(out, manifest, config)
+    add_decoder_forms(out, manifest)  # as export_model does after quantizing
     manifest.save(out)
     return out
 
