@@ -158,8 +158,16 @@ def field_cases(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         if not folder or not (Path(folder) / CASES_FILE).is_file():
             pytest.skip(f"no torch to write the cases and ${FIELD_CASES_ENV} names no folder of written ones")
         return Path(folder)
-    exports = {
+    from vlm_export.exporter.export import export_model
+    from vlm_export.exporter.quantize import QuantizeConfig
+
+    exports: dict[str, tuple[str, Path, Path | None]] = {
         family: (family, request.getfixturevalue(f"exported_{family}"), request.getfixturevalue(f"tiny_{family}_dir"))
         for family in FIELD_FAMILIES
     }
+    int4 = tmp_path_factory.mktemp("field_int4") / "qwen2_5_vl_int4"
+    export_model(
+        str(request.getfixturevalue("tiny_qwen2_5_vl_dir")), int4, progress=False, quantize=QuantizeConfig("int4")
+    )
+    exports["qwen2_5_vl_int4"] = ("qwen2_5_vl", int4, None)  # MatMulNBits, GatherBlockQuantized on old onnxruntime
     return write_cases(Path(folder) if folder else tmp_path_factory.mktemp("field_cases"), exports)

@@ -145,6 +145,29 @@ def test_int8_agreement_with_fp32(int8_all_graphs, qwen2_5_vl_pipe):
     assert agreement.top1 >= 0.75
 
 
+@pytest.mark.parametrize("fixture", ["int4_export", "int8_all_graphs"])
+def test_quantized_exports_carry_the_opset23_decoder(fixture, request, monkeypatch):
+    """A quantized export (also one quantized after export) gets the older decoder form from the quantized graph:
+    the same MatMulNBits nodes, the same weights file, the same greedy tokens as the default form (on onnxruntime
+    1.23.2: the int4 field case, tests/test_runtime_compat.py)."""
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.runtime.backends.ort import OrtCpuBackend
+
+    out = request.getfixturevalue(fixture)
+    out = out[0] if isinstance(out, tuple) else out
+    forms = json.loads((out / "manifest.json").read_text())["graph_forms"]["decoder"]
+    assert [f["file"] for f in forms] == ["decoder.onnx", "decoder.opset23.onnx"]
+    default, older = _op_counts(out / "decoder.onnx"), _op_counts(out / "decoder.opset23.onnx")
+    assert older["MatMulNBits"] == default["MatMulNBits"] >= 9 and "TensorScatter" not in older
+    assert [p.name for p in graph_files(out, "decoder.opset23.onnx")] == ["decoder.opset23.onnx", "decoder.onnx.data"]
+    conversation = _conversation()
+    want = VLMPipeline.from_pretrained(out).generate(conversation, max_new_tokens=8, do_sample=False).token_ids
+    monkeypatch.setattr(OrtCpuBackend, "onnxruntime_version", "1.23.2")
+    pipe = VLMPipeline.from_pretrained(out)
+    assert pipe.graph_forms["decoder"].file == "decoder.opset23.onnx"
+    assert pipe.generate(conversation, max_new_tokens=8, do_sample=False).token_ids == want
+
+
 def test_int8_vision_encoder_close_to_fp32(int8_all_graphs, qwen2_5_vl_pipe):
     """The Gemm -> MatMul rewrite and dynamic int8 keep the vision encoder's meaning: embeddings close to fp32.
 

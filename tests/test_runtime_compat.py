@@ -1,5 +1,6 @@
 """Every family's default export gives transformers' greedy tokens on the decoder form the installed onnxruntime
-loads, and (onnxruntime >= 1.25) on the opset-23 form too. Torch-free: the transformers tokens come from the
+loads, and (onnxruntime >= 1.25) on the opset-23 form too; an int4 export gives the tokens of the default form on
+the main test run's onnxruntime. Torch-free: the transformers tokens come from the
 `field_cases` fixture, so tools/check_runtime_compat.sh runs this file again in a venv with only the runtime's
 dependencies and onnxruntime 1.23.2, on the exports and tokens the main test run wrote."""
 
@@ -13,13 +14,13 @@ from vlm_export.testing.field_cases import read_cases, run_case
 
 pytestmark = pytest.mark.field
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
+EXPORTS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "qwen2_5_vl_int4")
 IN_PLACE_FROM = (1, 25)  # first onnxruntime with a TensorScatter kernel (vlm_export/exporter/decoder_forms.py)
 
 
 @pytest.mark.parametrize("form", ["installed", "opset23"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_decoder_forms_give_transformers_tokens(field_cases, family, form, monkeypatch):
+@pytest.mark.parametrize("export", EXPORTS)
+def test_decoder_forms_give_reference_tokens(field_cases, export, form, monkeypatch):
     from vlm_export.runtime import VLMPipeline
     from vlm_export.runtime.backends.ort import OrtCpuBackend
 
@@ -28,7 +29,7 @@ def test_decoder_forms_give_transformers_tokens(field_cases, family, form, monke
         if installed < IN_PLACE_FROM:
             pytest.skip(f"onnxruntime {ort.__version__} loads the opset-23 form anyway (the 'installed' case)")
         monkeypatch.setattr(OrtCpuBackend, "onnxruntime_version", "1.23.2")
-    entry = read_cases(field_cases)[family]
+    entry = read_cases(field_cases)[export]
     pipe = VLMPipeline.from_pretrained(field_cases / entry["export"], backend="ort-cpu")
     chosen = pipe.graph_forms["decoder"]
     if form == "installed" and installed >= IN_PLACE_FROM:

@@ -286,7 +286,7 @@ class CachedDecoding:
         self.prompt_length, self.max_new = attention_mask.shape[1], max(max_new, 1)
         self.capacity = capacity
         self.cache = dict(cache)
-        self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
+        self._bind_cache()
         self.no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
         self.attention_mask = attention_mask
         self.state = state

@@ -3,14 +3,13 @@ where only the runtime's dependencies are installed (tools/check_runtime_compat.
 
 Layout of a cases folder: ``cases.json`` ({export name: {"export": relative folder, "family": ..., "cases":
 {case: {"conversations": [...], "token_ids": [[...], ...]}}}}), the media the conversations name (paths relative
-to the folder), and one folder per export (hard links to the session's export files where the file system allows).
+to the folder), and a copy of each export.
 Writing needs torch and transformers; reading and checking (`check_cases`) only the runtime.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,18 +67,6 @@ def _write_media(folder: Path) -> None:
         Image.fromarray(base).resize((width, height), Image.BILINEAR).save(folder / name)
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard links where possible (the tests' exports are read-only), copies otherwise."""
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link)
-
-
 def transformers_tokens(model_dir: Path, family: str, conversations: list[Any]) -> list[list[int]]:
     """transformers' greedy tokens for a batch (left padding), each row cut after its first EOS."""
     import torch
@@ -105,8 +92,13 @@ def transformers_tokens(model_dir: Path, family: str, conversations: list[Any]) 
     return rows
 
 
-def write_cases(folder: Path, exports: dict[str, tuple[str, Path, Path]]) -> Path:
-    """Write the cases of `exports` ({name: (family, export folder, transformers model folder)}) into `folder`."""
+def write_cases(folder: Path, exports: dict[str, tuple[str, Path, Path | None]]) -> Path:
+    """Write the cases of `exports` ({name: (family, export folder, transformers model folder)}) into `folder`.
+
+    Without a model folder (a quantized export, which is not transformers-exact) the reference is our runtime on
+    the default decoder form in this interpreter's onnxruntime instead."""
+    from vlm_export.runtime import VLMPipeline
+
     folder.mkdir(parents=True, exist_ok=True)
     _write_media(folder)
     record: dict[str, Any] = {}
@@ -114,12 +106,17 @@ def write_cases(folder: Path, exports: dict[str, tuple[str, Path, Path]]) -> Pat
         target = folder / name
         if target.exists():
             shutil.rmtree(target)
-        _link_tree(export, target)
+        shutil.copytree(export, target)  # not hard links: onnx refuses to load weights files that have several
+        pipe = None if model_dir is not None else VLMPipeline.from_pretrained(target)
         cases = {}
         for case, conversations in CASES.items():
-            tokens = transformers_tokens(model_dir, family, resolve(conversations, folder))
+            if pipe is None:
+                tokens = transformers_tokens(model_dir, family, resolve(conversations, folder))
+            else:
+                tokens = run_case(pipe, folder, conversations)
             cases[case] = {"conversations": conversations, "token_ids": tokens}
-        record[name] = {"family": family, "export": name, "cases": cases}
+        reference = "transformers" if pipe is None else f"onnxruntime {pipe.backend.onnxruntime_version}, default form"
+        record[name] = {"family": family, "export": name, "reference": reference, "cases": cases}
     (folder / CASES_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return folder
 
