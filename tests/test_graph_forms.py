@@ -74,9 +74,21 @@ def test_export_from_before_graph_forms_says_to_re_export():
     assert select_forms(_manifest(None, decoder_opset="23"), "1.23.2")["decoder"].file == "decoder.onnx"
 
 
-def test_malformed_graph_forms_is_a_manifest_error():
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"opset": 23},
+        {"file": "decoder.onnx", "min_onnxruntime": "new"},
+        {"file": "../other/decoder.onnx"},
+        {"file": "/etc/decoder.onnx"},
+        {"file": "..\\decoder.onnx"},
+        "decoder.onnx",
+    ],
+)
+def test_malformed_graph_forms_is_a_manifest_error(entry):
+    """Including a file outside the export folder: nothing is read from there."""
     with pytest.raises(ManifestError, match="malformed graph_forms entry of decoder"):
-        select_forms(_manifest([{"opset": 23}]), "1.23.2")
+        select_forms(_manifest([entry]), "1.23.2")
 
 
 def test_parse_version():

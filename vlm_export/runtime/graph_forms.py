@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from vlm_export.errors import ManifestError
@@ -46,16 +47,22 @@ def _meets(installed: str, needed: str | None) -> bool:
 
 
 def _form(entry: Any, graph: str) -> GraphForm:
+    message = f"manifest.json: malformed graph_forms entry of {graph} ({entry!r}); re-export the model"
     try:
-        return GraphForm(
+        form = GraphForm(
             file=str(entry["file"]),
             min_onnxruntime=entry.get("min_onnxruntime"),
             in_place_cache=bool(entry.get("in_place_cache", True)),
             opset=entry.get("opset"),
         )
-    except (KeyError, TypeError, AttributeError):
-        message = f"manifest.json: malformed graph_forms entry of {graph} ({entry!r}); re-export the model"
+        if form.min_onnxruntime is not None:
+            parse_version(str(form.min_onnxruntime))
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise ManifestError(message) from None
+    path = PurePosixPath(form.file.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.parts:  # nothing is read outside the export folder
+        raise ManifestError(message)
+    return form
 
 
 def graph_forms(manifest: Manifest, graph: str) -> list[GraphForm]:

@@ -121,6 +121,8 @@ class VLMPipeline:
         loaders = {}
         for name, info in manifest.graphs.items():
             form = self.graph_forms[name]
+            if not (folder / form.file).is_file():
+                raise ManifestError(f"{name} graph file {folder / form.file} is missing; re-export the model")
             if form.file != info.file:
                 logger.info("%s: %s (opset %s) for onnxruntime %s", name, form.file, form.opset, onnxruntime_version)
             loaders[name] = functools.partial(self.backend.load, folder / form.file, replace(info, file=form.file))
