@@ -67,7 +67,7 @@ def test_onnxruntime_older_than_every_form_is_refused_in_one_line():
 
 
 def test_export_from_before_graph_forms_says_to_re_export():
-    """No graph_forms: the producer's decoder opset says what it needs (1.23.2 on aarch64 would abort loading it)."""
+    """No graph_forms: the producer's decoder opset says what it needs (1.23.2 would refuse it)."""
     assert select_forms(_manifest(None), "1.25.1")["decoder"].file == "decoder.onnx"
     with pytest.raises(ManifestError, match=r"needs onnxruntime >= 1\.25, but 1\.23\.2 is installed; re-export"):
         select_forms(_manifest(None), "1.23.2")

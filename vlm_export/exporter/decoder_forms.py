@@ -2,8 +2,8 @@
 of both (`Manifest.graph_forms`; the runtime picks one in `vlm_export/runtime/graph_forms.py`).
 
 The default decoder is opset 24: `TensorScatter` writes each step's keys/values into the cache in place. Only
-onnxruntime >= 1.25 runs it (1.23.2 refuses opset 24 — on Linux/aarch64 its process aborts while loading —, and
-1.24.x has no `TensorScatter` kernel), while 1.23.2 is the newest release with Python 3.10 wheels (JetPack 6).
+onnxruntime >= 1.25 runs it (1.23.2 refuses opset 24, 1.24.x has no `TensorScatter` kernel), while 1.23.2 is
+the newest release with Python 3.10 wheels (JetPack 6).
 The older form is the same graph at opset 23 with `TensorScatter` rewritten as `ScatterElements`
 (`trt_ops.decompose`, also used for TensorRT < 10.15): same inputs, outputs and math, but `present` is a new
 buffer (the cache is copied each step). It references the default form's weights file, so it costs ~100 KB of

@@ -3,9 +3,9 @@
 An export carries the decoder in more than one form when the default needs a newer onnxruntime than the field
 has (vlm_export/exporter/decoder_forms.py): opset 24 with an in-place cache for onnxruntime >= 1.25, opset 23
 with a cache copied each step for 1.23-1.24 (1.23.2 is the newest with Python 3.10 wheels). The first form the
-installed version meets is loaded; the check runs before onnxruntime sees the file, because 1.23.2 on aarch64
-aborts the process on an opset it does not know instead of raising. Backends that do not run ONNX files with
-onnxruntime (TensorRT engines) always get the default file.
+installed version meets is loaded; the check runs before onnxruntime sees a file, so an export that needs a
+newer onnxruntime fails with one line that says which, not deep inside onnxruntime. Backends that do not run ONNX
+files with onnxruntime (TensorRT engines) always get the default file.
 """
 
 from __future__ import annotations
