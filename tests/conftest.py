@@ -7,6 +7,7 @@ not installed, so the torch-free runtime tests still run in a minimal environmen
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,10 @@ import pytest
 
 #: Developer scripts (not an installed package): tests import them by path with `load_tool`.
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
+#: Folder for the runtime-only parity cases (`field_cases`): written there by a run with torch, read by a run
+#: without (tools/check_runtime_compat.sh runs tests/test_runtime_compat.py again under onnxruntime 1.23.2).
+FIELD_CASES_ENV = "VLM_EXPORT_FIELD_CASES"
+FIELD_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
 
 
 def load_tool(name: str) -> ModuleType:
@@ -139,3 +144,30 @@ def exported_qwen3_vl_moe(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_v
 def exported_llava_onevision(tmp_path_factory: pytest.TempPathFactory, tiny_llava_onevision_dir: Path) -> Path:
     """The tiny LLaVA-OneVision exported once per session through the public `vlm-export` CLI. Read-only."""
     return _export_with_cli(tmp_path_factory, tiny_llava_onevision_dir, "llava_onevision")
+
+
+@pytest.fixture(scope="session")
+def field_cases(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every family's default export with transformers' greedy tokens on a few requests (vlm_export/testing/
+    field_cases.py). With torch: written into $VLM_EXPORT_FIELD_CASES (or a temporary folder). Without (the
+    runtime-only venv): read from $VLM_EXPORT_FIELD_CASES, written there by an earlier run with torch."""
+    from vlm_export.testing.field_cases import CASES_FILE, write_cases
+
+    folder = os.environ.get(FIELD_CASES_ENV)
+    if importlib.util.find_spec("torch") is None:
+        if not folder or not (Path(folder) / CASES_FILE).is_file():
+            pytest.skip(f"no torch to write the cases and ${FIELD_CASES_ENV} names no folder of written ones")
+        return Path(folder)
+    from vlm_export.exporter.export import export_model
+    from vlm_export.exporter.quantize import QuantizeConfig
+
+    exports: dict[str, tuple[str, Path, Path | None]] = {
+        family: (family, request.getfixturevalue(f"exported_{family}"), request.getfixturevalue(f"tiny_{family}_dir"))
+        for family in FIELD_FAMILIES
+    }
+    int4 = tmp_path_factory.mktemp("field_int4") / "qwen2_5_vl_int4"
+    export_model(
+        str(request.getfixturevalue("tiny_qwen2_5_vl_dir")), int4, progress=False, quantize=QuantizeConfig("int4")
+    )
+    exports["qwen2_5_vl_int4"] = ("qwen2_5_vl", int4, None)  # MatMulNBits, GatherBlockQuantized on old onnxruntime
+    return write_cases(Path(folder) if folder else tmp_path_factory.mktemp("field_cases"), exports)

@@ -79,15 +79,23 @@ def test_cache_is_updated_in_place(exported_qwen2_5_vl, io_binding):
     np.testing.assert_allclose(session.to_numpy(fresh[past[0]]), after, atol=1e-5)
 
 
+@pytest.mark.parametrize("decoder_form", ["in_place", "opset23"])
 @pytest.mark.parametrize("io_binding", [False, True])
-def test_cache_grows_by_doubling_with_the_same_tokens(exported_qwen2_5_vl, image, monkeypatch, io_binding):
+def test_cache_grows_by_doubling_with_the_same_tokens(
+    exported_qwen2_5_vl, image, monkeypatch, io_binding, decoder_form
+):
     """The prefill's cache holds just the prompt; the first decode step grows it to room for INITIAL_ROOM new
     tokens, which doubles when full: a batch whose cache grows four times gives the logits and tokens of one
-    grown once to room for every new token."""
+    grown once to room for every new token. Also with the decoder form whose `present` comes back as new buffers
+    (onnxruntime < 1.25): those are what grows."""
     from vlm_export.runtime import VLMPipeline
+    from vlm_export.runtime.backends.ort import OrtCpuBackend
     from vlm_export.runtime.generation import CachedDecoding
 
+    if decoder_form == "opset23":
+        monkeypatch.setattr(OrtCpuBackend, "onnxruntime_version", "1.23.2")
     pipe = VLMPipeline.from_pretrained(exported_qwen2_5_vl, backend="ort-cpu", io_binding=io_binding)
+    assert pipe.generator.in_place_cache is (decoder_form == "in_place")
     batch = [_conversation(image), [{"role": "user", "content": "Hello there"}]]
     settings = pipe.settings(max_new_tokens=20, do_sample=False, eos_token_ids=[])
 

@@ -102,3 +102,15 @@ def test_weights_are_external_and_the_embedding_table_is_mapped(tmp_path, tiny_q
     feeds = {k: v.numpy() for k, v in spec.verify_feeds[0].items()}
     assert session.run(None, feeds)[0].shape == (3, 6, 64)
     assert _resident_mb() - before < table_mb / 2
+
+
+def test_exporter_on_python_3_10_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """The runtime supports Python 3.10 (JetPack 6), the exporter 3.11+: vlm-export says so before doing anything."""
+    from vlm_export.exporter import cli
+
+    monkeypatch.setattr(cli.sys, "version_info", (3, 10, 12, "final", 0))
+    monkeypatch.setattr(cli.platform, "python_version", lambda: "3.10.12")
+    assert cli.main(["--model", "x", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs Python 3.11+ to export (this is Python 3.10.12)" in err and "vlm-run" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

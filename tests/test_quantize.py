@@ -58,6 +58,7 @@ def int4_export(tmp_path_factory, tiny_qwen2_5_vl_dir):
 @pytest.fixture(scope="module")
 def int8_all_graphs(tmp_path_factory, exported_qwen2_5_vl):
     """The session's fp32 export quantized to int8 in a copy, all three graphs (exercises the Gemm rewrite)."""
+    from vlm_export.exporter.decoder_forms import add_decoder_forms
     from vlm_export.exporter.quantize import QuantizeConfig, quantize_export
     from vlm_export.manifest import Manifest
 
@@ -66,6 +67,7 @@ def int8_all_graphs(tmp_path_factory, exported_qwen2_5_vl):
     manifest = Manifest.load(out)
     config = QuantizeConfig(scheme="int8", graphs=("vision_encoder", "embedding", "decoder"))
     manifest.quantization = quantize_export(out, manifest, config)
+    add_decoder_forms(out, manifest)  # as export_model does after quantizing
     manifest.save(out)
     return out
 
@@ -141,6 +143,29 @@ def test_int8_agreement_with_fp32(int8_all_graphs, qwen2_5_vl_pipe):
     assert agreement.relative_logit_rms < 0.1
     assert agreement.top5 >= 0.95
     assert agreement.top1 >= 0.75
+
+
+@pytest.mark.parametrize("fixture", ["int4_export", "int8_all_graphs"])
+def test_quantized_exports_carry_the_opset23_decoder(fixture, request, monkeypatch):
+    """A quantized export (also one quantized after export) gets the older decoder form from the quantized graph:
+    the same MatMulNBits nodes, the same weights file, the same greedy tokens as the default form (on onnxruntime
+    1.23.2: the int4 field case, tests/test_runtime_compat.py)."""
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.runtime.backends.ort import OrtCpuBackend
+
+    out = request.getfixturevalue(fixture)
+    out = out[0] if isinstance(out, tuple) else out
+    forms = json.loads((out / "manifest.json").read_text())["graph_forms"]["decoder"]
+    assert [f["file"] for f in forms] == ["decoder.onnx", "decoder.opset23.onnx"]
+    default, older = _op_counts(out / "decoder.onnx"), _op_counts(out / "decoder.opset23.onnx")
+    assert older["MatMulNBits"] == default["MatMulNBits"] >= 9 and "TensorScatter" not in older
+    assert [p.name for p in graph_files(out, "decoder.opset23.onnx")] == ["decoder.opset23.onnx", "decoder.onnx.data"]
+    conversation = _conversation()
+    want = VLMPipeline.from_pretrained(out).generate(conversation, max_new_tokens=8, do_sample=False).token_ids
+    monkeypatch.setattr(OrtCpuBackend, "onnxruntime_version", "1.23.2")
+    pipe = VLMPipeline.from_pretrained(out)
+    assert pipe.graph_forms["decoder"].file == "decoder.opset23.onnx"
+    assert pipe.generate(conversation, max_new_tokens=8, do_sample=False).token_ids == want
 
 
 def test_int8_vision_encoder_close_to_fp32(int8_all_graphs, qwen2_5_vl_pipe):

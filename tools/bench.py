@@ -182,6 +182,10 @@ def child_ours(onnx_dir: Path, inputs: dict[str, Any], args: argparse.Namespace)
     start = time.perf_counter()
     pipe = VLMPipeline.from_pretrained(onnx_dir, backend="ort-cpu")
     result: dict[str, Any] = {"load_s": time.perf_counter() - start, "rss_after_load_mib": peak_rss_mib()}
+    form = pipe.graph_forms["decoder"]
+    result["runtime"] = f"onnxruntime {pipe.backend.onnxruntime_version}, {form.file}" + (
+        " (in-place cache)" if form.in_place_cache else " (cache copied each step)"
+    )
     text, images = inputs["text"], inputs["images"]
     greedy = {"do_sample": False, "repetition_penalty": 1.0, "eos_token_ids": []}
 
@@ -481,7 +485,8 @@ def run_child(side: str, args: argparse.Namespace, inputs_file: Path, work: Path
     env = {**os.environ, "VLM_EXPORT_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     onnx_dir = args.baseline_onnx if side == "baseline" else args.onnx_dir
     child = "ours" if side == "baseline" else side
-    command = [sys.executable, __file__, str(args.model_dir), str(onnx_dir), "--child", child]
+    python = args.baseline_python if side == "baseline" and args.baseline_python else sys.executable
+    command = [python, __file__, str(args.model_dir), str(onnx_dir), "--child", child]
     command += ["--inputs", str(inputs_file), "--child-out", str(out), "--threads", str(args.threads)]
     command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens), "--measure", args.measure]
     command += ["--vision-images", str(args.vision_images)]
@@ -523,6 +528,9 @@ def print_report(report: dict[str, Any]) -> None:
     sides = [s for s in ("ours", "baseline", "transformers") if s in report]
     print(f"\n{report['model_dir']}  ({report['threads']} threads, {os.cpu_count()} CPUs)")
     print(f"ours: {report['onnx_dir']}" + (f"; baseline: {report['baseline_onnx']}" if "baseline" in report else ""))
+    for side in sides:
+        if "runtime" in report[side]:
+            print(f"{side}: {report[side]['runtime']}")
     counts = ", ".join(f"{s} {report[s].get('prompt_tokens')}" for s in sides)
     print(f"prompt tokens: {counts}; {report['new_tokens']} new; {report.get('rounds', 1)} interleaved round(s)")
     for side in sides:
@@ -606,8 +614,6 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
-    from vlm_export.exporter.quantize import DEFAULT_BLOCK_SIZE
-
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
@@ -627,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quant-block-size",
         type=int,
-        default=DEFAULT_BLOCK_SIZE,
-        help=f"with --quantize (default {DEFAULT_BLOCK_SIZE})",
+        default=32,
+        help="with --quantize (default 32, vlm-export's)",
     )
     parser.add_argument("--quant-accuracy-level", type=int, default=4, help="with --quantize (default 4)")
     parser.add_argument(
@@ -639,6 +645,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a second export of the same model (e.g. the float32 one) to run as side 'baseline' with our runtime, "
         "and to measure the teacher-forced agreement of onnx_dir against (side 'agreement')",
+    )
+    parser.add_argument(
+        "--baseline-python",
+        help="run the baseline side with this interpreter, e.g. a venv with only the runtime's dependencies and "
+        "another onnxruntime (--baseline-onnx may then name onnx_dir itself: the same export on two onnxruntime "
+        "releases, each loading the decoder form it supports)",
     )
     parser.add_argument(
         "--rounds",

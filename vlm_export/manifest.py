@@ -73,6 +73,10 @@ class Manifest:
     # What the exporter compared with transformers: depth ("full", or "reduced" with the layers kept), and per graph
     # the largest difference, its tolerance and the number of input sets.
     verification: dict[str, Any] = field(default_factory=dict)
+    # Files of a graph for other runtimes, preferred first, by graph name: each {file, opset, min_onnxruntime,
+    # in_place_cache}, same IO as `graphs[name]` (e.g. the decoder at opset 23 for onnxruntime < 1.25). Absent:
+    # only `graphs[name].file`. Picked by vlm_export/runtime/graph_forms.py.
+    graph_forms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,18 @@ The output folder holds vision_encoder.onnx, embedding.onnx, decoder.onnx, manif
 runtime reads), tokenizer.json, chat_template.jinja and the processor/generation configs. Each graph is run in
 ONNX Runtime against transformers after export; a difference above tolerance fails the export.
 """
+
+
+#: The exporter (torch, transformers) needs Python 3.11+; the runtime and `vlm-export build-engines` run on 3.10.
+EXPORTER_PYTHON = (3, 11)
+
+
+def python_too_old() -> str:
+    return (
+        f"error: vlm-export needs Python {'.'.join(map(str, EXPORTER_PYTHON))}+ to export (this is Python "
+        f"{platform.python_version()}); the runtime (vlm-run) and `vlm-export build-engines` work on 3.10: export on "
+        "a machine with Python 3.11+ and copy the output folder here"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         from vlm_export.exporter.engines import main as build_engines_main
 
         return build_engines_main(argv[1:])
+    if sys.version_info < EXPORTER_PYTHON:
+        print(python_too_old(), file=sys.stderr)
+        return 2
     with signals_interrupt():
         try:
             return _run(argv)

@@ -22,6 +22,7 @@ from vlm_export.errors import ExportError
 from vlm_export.exporter.activation_scan import FLOAT16_MAX, OnDemandWeights, scan_activations
 from vlm_export.exporter.assets import copy_assets, find_image_processor_config
 from vlm_export.exporter.checkpoint import validate_checkpoint
+from vlm_export.exporter.decoder_forms import add_decoder_forms
 from vlm_export.exporter.interrupts import raise_if_interrupted
 from vlm_export.exporter.model_source import read_model_type, resolve_model_dir
 from vlm_export.exporter.onnx_export import OPSET, export_graph
@@ -308,6 +309,7 @@ def export_model(
             seconds["quantize"] = time.perf_counter() - start
             log_memory("quantization")
         steps.update()
+        add_decoder_forms(staging, manifest)  # the decoder file older onnxruntime releases load (decoder_forms.py)
         manifest.save(staging)
         steps.update()
         steps.close()

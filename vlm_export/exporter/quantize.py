@@ -524,6 +524,8 @@ def quantize_export(folder: Path, manifest: Any, config: QuantizeConfig) -> dict
     side = folder / ".quantized"
     per_graph: dict[str, GraphQuantization] = {}
     candidate = copy.deepcopy(manifest)
+    for name in config.graphs:  # other forms of a float graph (an export quantized after the fact) go with it
+        candidate.graph_forms.pop(name, None)
     for name in config.graphs:
         info = manifest.graphs[name]
         if name in DYNAMIC_INT8_GRAPHS:
@@ -539,6 +541,8 @@ def quantize_export(folder: Path, manifest: Any, config: QuantizeConfig) -> dict
         info = manifest.graphs[name]
         for path in graph_files(folder, info.file):
             path.unlink()
+        for form in manifest.graph_forms.pop(name, [])[1:]:  # decoder_forms.add_decoder_forms writes them anew
+            (folder / form["file"]).unlink(missing_ok=True)
         for path in graph_files(side, info.file):
             path.rename(folder / path.name)
     side.rmdir()

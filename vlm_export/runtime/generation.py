@@ -2,7 +2,9 @@
 
 Backend-agnostic: the KV cache is allocated per call on the backend's device, with room for the prompt and the
 first new tokens (doubled when full), and each decoder call updates it in place (the same buffer is its `past`
-input and its `present` output); only the last-position logits are copied to the host each step. Mirrors
+input and its `present` output) — or, with the decoder form older onnxruntime releases load (no `TensorScatter`,
+runtime/graph_forms.py), returns it as new `present` buffers that the next call takes as `past`; only the
+last-position logits are copied to the host each step. Mirrors
 transformers' `generate()`: left padding, finished rows continue with the pad token, the attention mask grows by
 one column per step.
 """
@@ -46,10 +48,19 @@ class GenerationOutput:
 
 
 class Generator:
-    def __init__(self, manifest: Manifest, sessions: Mapping[str, GraphSession], family: RuntimeFamily):
+    def __init__(
+        self,
+        manifest: Manifest,
+        sessions: Mapping[str, GraphSession],
+        family: RuntimeFamily,
+        *,
+        in_place_cache: bool = True,
+    ):
         self.manifest = manifest
         self.sessions = sessions
         self.family = family
+        # whether the loaded decoder form writes `present` into the `past` buffers (GraphForm.in_place_cache)
+        self.in_place_cache = in_place_cache
         text = manifest.text
         self.num_layers = int(text["num_layers"])
         self.kv_heads = int(text["num_kv_heads"])
@@ -218,6 +229,10 @@ class CachedDecoding:
     tokens, and the room doubles each time it fills, never past prompt + `max_new`. A request asking for
     thousands of tokens that stops at EOS after a hundred neither allocates nor attends over the rest. Shared by
     `Generator.steps` and the exporter's teacher-forced agreement check, so both run exactly the same feeds.
+
+    With a decoder form that cannot update in place (`generator.in_place_cache` False: opset 23, for onnxruntime
+    < 1.25), nothing is bound to the outputs: each call returns the whole cache as new `present` buffers, which
+    become the next call's `past` (and are what `grow` enlarges). Same capacities, same feeds, same logits.
     """
 
     INITIAL_ROOM = 256
@@ -238,7 +253,7 @@ class CachedDecoding:
         self.capacity = longest
         shape = self._cache_shape(batch)
         self.cache = {name: self.decoder.allocate(name, shape) for name in generator.past_names}
-        self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
+        self._bind_cache()
         self.no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
         embeds = self.embedding.run({"input_ids": input_ids, "visual_embeds": vision_outputs["visual_embeds"]})
         position_ids, self.state = generator.family.prefill_positions(input_ids, attention_mask, visual)
@@ -271,7 +286,7 @@ class CachedDecoding:
         self.prompt_length, self.max_new = attention_mask.shape[1], max(max_new, 1)
         self.capacity = capacity
         self.cache = dict(cache)
-        self.into = dict(zip(generator.present_names, self.cache.values(), strict=True))
+        self._bind_cache()
         self.no_visual = np.zeros((0, generator.hidden), dtype=generator.dtype)
         self.attention_mask = attention_mask
         self.state = state
@@ -290,11 +305,19 @@ class CachedDecoding:
         self.capacity = self.prompt_length + min(max(2 * room, self.INITIAL_ROOM), self.max_new)
         shape = self._cache_shape(batch)
         self.cache = {name: self.decoder.grow(buffer, shape) for name, buffer in self.cache.items()}
-        self.into = dict(zip(self.generator.present_names, self.cache.values(), strict=True))
+        self._bind_cache()
+
+    def _bind_cache(self) -> None:
+        """Bind the cache buffers as the `present` outputs (in place), or nothing (new `present` buffers)."""
+        in_place = self.generator.in_place_cache
+        self.into = dict(zip(self.generator.present_names, self.cache.values(), strict=True)) if in_place else {}
 
     def _run(self, feeds: dict[str, Any]) -> None:
         feeds.update(self.cache)
         self.outputs = self.decoder.run(feeds, into=self.into)
+        if not self.generator.in_place_cache:
+            pairs = zip(self.generator.past_names, self.generator.present_names, strict=True)
+            self.cache = {past: self.outputs[present] for past, present in pairs}
 
     def logits(self) -> np.ndarray:
         """Float32 logits [B, V] of the last position fed."""

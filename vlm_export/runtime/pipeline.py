@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from vlm_export.runtime.backends.base import GraphSession
 from vlm_export.runtime.chat import render_chat
 from vlm_export.runtime.families import MediaItem, runtime_family_for
 from vlm_export.runtime.generation import GenerationOutput, Generator, StepEvent
+from vlm_export.runtime.graph_forms import select_forms
 from vlm_export.runtime.sampling import GenerationSettings
 from vlm_export.runtime.tokenizer import StreamDecoder, TextTokenizer
 
@@ -114,18 +115,26 @@ class VLMPipeline:
         self.chat_template = (folder / manifest.files["chat_template"]).read_text(encoding="utf-8")
         self.generation_config = self._read_json(manifest.files.get("generation_config"))
         self.family = runtime_family_for(manifest, folder)
-        self.sessions = LazySessions(
-            {
-                name: functools.partial(self.backend.load, folder / info.file, info)
-                for name, info in manifest.graphs.items()
-            }
-        )
+        # the file of each graph this backend's onnxruntime can load (the decoder has an opset 23 form for < 1.25)
+        onnxruntime_version = getattr(self.backend, "onnxruntime_version", None)
+        self.graph_forms = select_forms(manifest, onnxruntime_version)
+        loaders = {}
+        for name, info in manifest.graphs.items():
+            form = self.graph_forms[name]
+            if not (folder / form.file).is_file():
+                raise ManifestError(f"{name} graph file {folder / form.file} is missing; re-export the model")
+            if form.file != info.file:
+                logger.info("%s: %s (opset %s) for onnxruntime %s", name, form.file, form.opset, onnxruntime_version)
+            loaders[name] = functools.partial(self.backend.load, folder / form.file, replace(info, file=form.file))
+        self.sessions = LazySessions(loaders)
         # The decoder loads first: while ONNX Runtime pre-packs a weight it briefly holds it twice, and with the
         # vision encoder already loaded that moment was the process's peak memory.
         # The vision encoder loads on the first request with an image or video: text-only use never holds it.
         for name in ("decoder", "embedding"):
             self.sessions[name]  # loads it now
-        self.generator = Generator(manifest, self.sessions, self.family)
+        self.generator = Generator(
+            manifest, self.sessions, self.family, in_place_cache=self.graph_forms["decoder"].in_place_cache
+        )
         self.token_text = {}
         for kind in ("image", "video"):
             text = self.tokenizer.id_to_token(self.family.placeholder_token(kind))

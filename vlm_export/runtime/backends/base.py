@@ -34,7 +34,8 @@ class GraphSession(Protocol):
         ...
 
     def grow(self, buffer: Any, shape: tuple[int, ...]) -> Any:
-        """An `allocate`d buffer enlarged to `shape`: its contents at the same indices, zeros after. A buffer that
+        """An `allocate`d buffer, or a `present` output `run` returned (a decoder whose cache is not updated in
+        place), enlarged to `shape`: its contents at the same indices, zeros after. A buffer that
         is already at least that large (an engine's fixed cache capacity) comes back as it is."""
         ...
 
@@ -51,6 +52,9 @@ class GraphSession(Protocol):
 
 
 class Backend(Protocol):
+    """Backends that load ONNX files with onnxruntime also have `onnxruntime_version` (the installed release):
+    it picks which file of a graph they get when the export has several (runtime/graph_forms.py)."""
+
     name: str
 
     def load(self, path: Path, info: GraphInfo) -> GraphSession: ...

@@ -117,10 +117,11 @@ class OrtSession:
             host = array.copy()
         return ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
 
-    def grow(self, buffer: ort.OrtValue, shape: tuple[int, ...]) -> ort.OrtValue:
-        if all(have >= want for have, want in zip(buffer.shape(), shape, strict=True)):
+    def grow(self, buffer: Any, shape: tuple[int, ...]) -> ort.OrtValue:
+        """An `allocate`d buffer, or a `present` output (an `OrtValue`, or numpy from a plain run), enlarged."""
+        if all(have >= want for have, want in zip(_shape(buffer), shape, strict=True)):
             return buffer
-        old = buffer.numpy()  # a host copy also on CUDA: growing is rare (the room doubles) and small beside a step
+        old = self.to_numpy(buffer)  # a host copy also on CUDA: growing is rare (the room doubles), small beside a step
         grown = np.zeros(shape, dtype=old.dtype)
         grown[tuple(slice(0, n) for n in old.shape)] = old
         return ort.OrtValue.ortvalue_from_numpy(grown, self.device, self.device_id)
@@ -148,6 +149,7 @@ class OrtCpuBackend:
     runs the same IO-binding path as the CUDA backend, with the CPU as the device."""
 
     name = "ort-cpu"
+    onnxruntime_version = ort.__version__  # picks the graph files this backend loads (runtime/graph_forms.py)
 
     def __init__(self, threads: int | None = None, io_binding: bool = False):
         self.threads = _threads(threads)
@@ -161,6 +163,7 @@ class OrtCudaBackend:
     """ONNX Runtime with the CUDA execution provider (onnxruntime-gpu), outputs kept on the GPU via IO binding."""
 
     name = "ort-cuda"
+    onnxruntime_version = ort.__version__
 
     def __init__(self, device_id: int = 0, threads: int | None = None):
         available = ort.get_available_providers()  # compiled in; whether CUDA loads is checked per session
