@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vlm_export.errors import VLMExportError
+from vlm_export.errors import ManifestError, VLMExportError
 from vlm_export.manifest import GraphInfo
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,11 @@ INSTALL_GPU_HINT = (
     "install onnxruntime-gpu in place of onnxruntime (pip uninstall -y onnxruntime && pip install 'vlm-export[trt]'), "
     "or use --backend ort-cpu"
 )
+
+
+# ONNX Runtime's exceptions for a file that is not a model it can read (by name: the classes live in its private
+# pybind module). Other load failures (an opset too new, out of memory) stay BackendErrors.
+_BAD_FILE_ERRORS = frozenset({"InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "Fail", "NoModel"})
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -62,12 +67,26 @@ class OrtSession:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types
+            reason = " ".join(str(error).split())[:300]
+            if type(error).__name__ in _BAD_FILE_ERRORS:
+                raise ManifestError(
+                    f"ONNX Runtime cannot load the graph file {path}: it is not a valid ONNX model ({reason}); the "
+                    "file may be truncated or replaced: re-export the model"
+                ) from None
             raise BackendError(
-                f"ONNX Runtime cannot load {path} ({str(error).splitlines()[0]}); the file may be truncated: "
-                "re-export the model, or upgrade onnxruntime"
+                f"ONNX Runtime cannot load {path} ({reason}); the file may be truncated: re-export the model, or "
+                "upgrade onnxruntime"
             ) from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+        missing = sorted(set(info.input_names()) ^ set(self._input_types)) + sorted(
+            set(info.output_names()) - set(self.output_names)
+        )
+        if missing:
+            raise ManifestError(
+                f"{path} is not the graph manifest.json describes for it (inputs/outputs that differ: "
+                f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); re-export the model"
+            )
 
     def _fail(self, error: Exception, feeds: Mapping[str, Any]) -> BackendError:
         shapes = {name: _shape(value) for name, value in feeds.items()}

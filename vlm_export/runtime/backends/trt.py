@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.errors import InputError, VLMExportError
-from vlm_export.manifest import GraphInfo, Manifest
+from vlm_export.manifest import GraphInfo, Manifest, confined_path
 from vlm_export.runtime.backends.cuda_memory import CudaCalls, PinnedStaging, ScratchMemory, load_cuda_runtime
 
 logger = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ class TrtBackend:
         entry = meta["graphs"].get(name)
         if entry is None:
             raise BackendError(f"no TensorRT engine for the {name} graph in {folder}; run `{rebuild_command(folder)}`")
-        engine_path = folder / entry["engine"]
+        engine_path = confined_path(folder, entry.get("engine"), f"the {name} TensorRT engine", must_exist=False)
         if not engine_path.is_file():
             raise BackendError(f"{engine_path} is missing; rebuild the engines with `{rebuild_command(folder)}`")
         engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())

@@ -53,10 +53,13 @@ class LlavaOnevisionRuntime:
         video = manifest.preprocessing.get("video")
         # exports made before video support have no video settings: images keep working, videos are refused
         self.video_config = LlavaOnevisionVideoConfig.from_dict(video) if isinstance(video, dict) else None
-        newline_file = manifest.files.get("image_newline")
-        if not newline_file or not (folder / newline_file).is_file():
+        newline_file = manifest.file_path(folder, "image_newline", required=False)
+        if newline_file is None:
             raise ManifestError(f"{folder} lacks the image_newline tensor; re-export the model")
-        self.image_newline = np.load(folder / newline_file)
+        try:
+            self.image_newline = np.load(newline_file, allow_pickle=False)
+        except (OSError, ValueError) as error:  # not a .npy file, or one holding Python objects
+            raise ManifestError(f"cannot read {newline_file} ({error}); re-export the model") from None
 
     def placeholder_token(self, kind: str) -> int:
         return int(self.tokens[f"{kind}_token_id"])
