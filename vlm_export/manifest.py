@@ -168,11 +168,16 @@ class Manifest:
             self.graph_path(folder, name)
         for key, value in self.files.items():
             confined_path(folder, value, f"files.{key}", must_exist=False)
+        for name, forms in self.graph_forms.items():  # the runtime picks one by onnxruntime version
+            for form in forms if isinstance(forms, list) else [forms]:
+                file = form.get("file") if isinstance(form, dict) else form
+                confined_path(folder, file, f"a graph_forms file of {name}", must_exist=False)
 
-    def graph_path(self, folder: str | Path, name: str) -> Path:
-        """The resolved path of graph `name`, after checking that it and the external data it names lie inside
-        `folder` (ONNX Runtime and TensorRT's parser open those files when they load the graph)."""
-        path = confined_path(folder, self.graphs[name].file, f"the {name} graph file")
+    def graph_path(self, folder: str | Path, name: str, file: str | None = None) -> Path:
+        """The resolved path of graph `name` (or of `file`, another form of it: `graph_forms`), after checking that
+        it and the external data it names lie inside `folder` (ONNX Runtime and TensorRT's parser open those files
+        when they load the graph)."""
+        path = confined_path(folder, file or self.graphs[name].file, f"the {name} graph file")
         try:
             locations = external_data_locations(path)
         except OnnxFormatError as error:
@@ -220,6 +225,8 @@ _FIELD_TYPES: dict[str, type] = {
     "schema_version": int,
     "engines": dict,
     "quantization": dict,
+    "verification": dict,
+    "graph_forms": dict,
 }
 _TYPE_NAMES = {str: "a string", dict: "an object", int: "an integer", list: "a list"}
 

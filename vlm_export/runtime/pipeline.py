@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vlm_export.errors import InputError, ManifestError
-from vlm_export.manifest import Manifest
+from vlm_export.manifest import MANIFEST_NAME, Manifest
 from vlm_export.runtime.backends import create_backend
 from vlm_export.runtime.backends.base import GraphSession
 from vlm_export.runtime.chat import render_chat
@@ -19,6 +19,7 @@ from vlm_export.runtime.families import MediaItem, runtime_family_for
 from vlm_export.runtime.generation import GenerationOutput, Generator, StepEvent
 from vlm_export.runtime.graph_forms import select_forms
 from vlm_export.runtime.sampling import GenerationSettings
+from vlm_export.runtime.template_sandbox import compile_chat_template
 from vlm_export.runtime.tokenizer import StreamDecoder, TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,13 @@ def _is_conversation(value: Any) -> bool:
 def _media_items(conversation: Conversation) -> list[MediaItem]:
     items: list[MediaItem] = []
     for message in conversation:
+        if not isinstance(message["role"], str):
+            raise InputError(f"a message role must be a string like 'user', got {type(message['role']).__name__}")
         content = message.get("content")
-        if isinstance(content, str) or content is None:
+        if isinstance(content, str):
+            _check_text(content)
+            continue
+        if content is None:
             continue
         if not isinstance(content, list):
             raise InputError(f"message content must be a string or a list of parts, got {type(content).__name__}")
@@ -62,6 +68,7 @@ def _media_items(conversation: Conversation) -> list[MediaItem]:
                 raise InputError(f"content parts must be dicts like {{'type': 'text', 'text': ...}}, got {part!r}")
             kind = part.get("type")
             if kind in ("text", None) and "text" in part:
+                _check_text(part["text"])
                 continue
             if kind == "image_url":
                 kind = "image"
@@ -77,17 +84,36 @@ def _media_items(conversation: Conversation) -> list[MediaItem]:
     return items
 
 
+def _check_text(text: Any) -> None:
+    """Text parts must be strings the tokenizer can encode (no lone surrogates, e.g. from undecodable bytes)."""
+    if not isinstance(text, str):
+        raise InputError(f"message text must be a string, got {type(text).__name__}: {repr(text)[:60]}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(
+            f"message text is not valid Unicode (a lone surrogate at character {error.start}, e.g. from bytes "
+            "that are not UTF-8); decode the text as UTF-8 first"
+        ) from None
+
+
 class LazySessions(Mapping[str, GraphSession]):
-    """Graph sessions by name, each loaded by its loader on first access and kept."""
+    """Graph sessions by name, each loaded by its loader on first access and kept. Loading is serialized, so
+    concurrent first requests load a graph once."""
 
     def __init__(self, loaders: dict[str, Callable[[], GraphSession]]):
         self._loaders = loaders
         self._loaded: dict[str, GraphSession] = {}
+        self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> GraphSession:
-        if name not in self._loaded:
-            self._loaded[name] = self._loaders[name]()  # KeyError for a graph the export does not have
-        return self._loaded[name]
+        session = self._loaded.get(name)
+        if session is None:
+            with self._lock:
+                session = self._loaded.get(name)
+                if session is None:
+                    session = self._loaded[name] = self._loaders[name]()  # KeyError: no such graph
+        return session
 
     def __contains__(self, name: object) -> bool:  # without loading it
         return name in self._loaders
@@ -111,30 +137,31 @@ class VLMPipeline:
         self.folder = folder
         self.manifest = manifest
         self.backend = create_backend(backend_name, **backend_options)
-        self.tokenizer = TextTokenizer(folder / manifest.files["tokenizer"])
-        self.chat_template = (folder / manifest.files["chat_template"]).read_text(encoding="utf-8")
-        self.generation_config = self._read_json(manifest.files.get("generation_config"))
-        self.family = runtime_family_for(manifest, folder)
+        self.tokenizer = TextTokenizer(manifest.file_path(folder, "tokenizer"))
+        self.chat_template = self._read_chat_template()
+        self.generation_config = self._read_generation_config()
         # the file of each graph this backend's onnxruntime can load (the decoder has an opset 23 form for < 1.25)
         onnxruntime_version = getattr(self.backend, "onnxruntime_version", None)
         self.graph_forms = select_forms(manifest, onnxruntime_version)
-        loaders = {}
         for name, info in manifest.graphs.items():
             form = self.graph_forms[name]
-            if not (folder / form.file).is_file():
-                raise ManifestError(f"{name} graph file {folder / form.file} is missing; re-export the model")
+            manifest.graph_path(folder, name, form.file)  # inside the folder, with its external data: before loading
             if form.file != info.file:
                 logger.info("%s: %s (opset %s) for onnxruntime %s", name, form.file, form.opset, onnxruntime_version)
-            loaders[name] = functools.partial(self.backend.load, folder / form.file, replace(info, file=form.file))
-        self.sessions = LazySessions(loaders)
+        self.sessions = LazySessions({name: self._graph_loader(name) for name in manifest.graphs})
+        try:  # family sections are checked by the family's own config classes; this catches what they leave
+            self.family = runtime_family_for(manifest, folder)
+            in_place = self.graph_forms["decoder"].in_place_cache
+            self.generator = Generator(manifest, self.sessions, self.family, in_place_cache=in_place)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ManifestError(
+                f"{folder / MANIFEST_NAME} is malformed ({type(error).__name__}: {error}); re-export the model"
+            ) from None
         # The decoder loads first: while ONNX Runtime pre-packs a weight it briefly holds it twice, and with the
         # vision encoder already loaded that moment was the process's peak memory.
         # The vision encoder loads on the first request with an image or video: text-only use never holds it.
         for name in ("decoder", "embedding"):
             self.sessions[name]  # loads it now
-        self.generator = Generator(
-            manifest, self.sessions, self.family, in_place_cache=self.graph_forms["decoder"].in_place_cache
-        )
         self.token_text = {}
         for kind in ("image", "video"):
             text = self.tokenizer.id_to_token(self.family.placeholder_token(kind))
@@ -148,10 +175,38 @@ class VLMPipeline:
         manifest = Manifest.load(folder)
         return cls(folder, manifest, backend, **backend_options)
 
-    def _read_json(self, name: str | None) -> dict[str, Any]:
-        if not name or not (self.folder / name).is_file():
+    def _graph_loader(self, name: str) -> Callable[[], GraphSession]:
+        def load() -> GraphSession:  # the path is checked again when it is read (the folder may have changed)
+            form = self.graph_forms[name]
+            path = self.manifest.graph_path(self.folder, name, form.file)
+            return self.backend.load(path, replace(self.manifest.graphs[name], file=form.file))
+
+        return load
+
+    def _read_chat_template(self) -> str:
+        path = self.manifest.file_path(self.folder, "chat_template")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ManifestError(f"cannot read the chat template {path} ({error}); re-export the model") from None
+        compile_chat_template(template)  # refuses a template that cannot render, before any request
+        return template
+
+    def _read_generation_config(self) -> dict[str, Any]:
+        path = self.manifest.file_path(self.folder, "generation_config", required=False)
+        if path is None:
             return {}
-        return json.loads((self.folder / name).read_text(encoding="utf-8"))
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as error:
+            raise ManifestError(f"{path} is not valid JSON ({error}); re-export the model") from None
+        if not isinstance(config, dict):
+            raise ManifestError(f"{path} must hold a JSON object; re-export the model")
+        try:
+            GenerationSettings.from_generation_config(config)
+        except InputError as error:
+            raise ManifestError(f"{path}: {error}; fix the file or re-export the model") from None
+        return config
 
     # -- request preparation ------------------------------------------------------------------------
     def settings(self, **overrides: Any) -> GenerationSettings:
