@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlm_export.errors import InputError
+from vlm_export.runtime.video_resize import resize_frames
 
 if TYPE_CHECKING:
     import av
@@ -54,6 +56,7 @@ class VideoClip:
     frames: np.ndarray  # [N, H, W, 3] uint8 RGB, in stream order
     indices: np.ndarray  # int64 [N], stream frame index of each kept frame
     metadata: VideoMetadata
+    decoded_size: tuple[int, int] | None = None  # (H, W) of the frames as decoded, before any `resize`
 
 
 def _one_line(error: BaseException) -> str:
@@ -81,6 +84,8 @@ def _resolve(source: VideoSource) -> tuple[str, str]:
         raise InputError(f"video file not found: {name}; check the path (relative paths are resolved from the cwd)")
     if os.path.isdir(path):
         raise InputError(f"video path {name} is a directory; pass a video file")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+        raise InputError(f"video path {name} is not a regular file (a pipe or device?); save the video to a file")
     if not os.access(path, os.R_OK):
         raise InputError(f"video file {name} is not readable; check its permissions")
     return path, name
@@ -174,12 +179,22 @@ def _check_indices(indices: np.ndarray, metadata: VideoMetadata) -> np.ndarray:
     return np.unique(array.astype(np.int64))
 
 
-def load_video(source: VideoSource, sample: Callable[[VideoMetadata], np.ndarray]) -> VideoClip:
+#: ``resize(sampled_count, height, width)`` -> ``(height, width, mode)`` each kept frame is resized to as it is
+#: decoded (``runtime.video_resize`` modes), or None to keep it as decoded.
+FrameResize = Callable[[int, int, int], "tuple[int, int, str] | None"]
+
+
+def load_video(
+    source: VideoSource, sample: Callable[[VideoMetadata], np.ndarray], resize: FrameResize | None = None
+) -> VideoClip:
     """Decode the frames ``sample(metadata)`` selects, as transformers' PyAV loader does.
 
     Decodes from the start without seeking and stops after the last selected frame. Frames come back in stream
     order, each once, even if ``sample`` lists one twice. If the header over-counts frames and the stream ends
     before a selected index, the frames that exist are returned (as transformers does) and a warning is logged.
+    ``sample`` sees only the headers, so it can refuse a video before anything is decoded. With ``resize``, each
+    kept frame is resized as soon as it is decoded (the resize works frame by frame, so the result is the same as
+    resizing the stack), which bounds memory by the model's input size instead of the video's resolution.
     Every failure is an :class:`InputError` with a one-line message.
     """
     path, name = _resolve(source)
@@ -189,6 +204,7 @@ def load_video(source: VideoSource, sample: Callable[[VideoMetadata], np.ndarray
     last = int(wanted[-1])
     frames: list[np.ndarray] = []
     kept: list[int] = []
+    decoded: tuple[int, int] | None = None
     av = _av()
     with _open(path, name) as container:
         _video_stream(container, name)
@@ -197,7 +213,12 @@ def load_video(source: VideoSource, sample: Callable[[VideoMetadata], np.ndarray
                 if i > last:
                     break
                 if i in keep:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    pixels = frame.to_ndarray(format="rgb24")
+                    decoded = decoded or pixels.shape[:2]
+                    target = resize(len(wanted), *pixels.shape[:2]) if resize is not None else None
+                    if target is not None and target[:2] != pixels.shape[:2]:
+                        pixels = resize_frames(pixels[None], target[0], target[1], target[2])[0]
+                    frames.append(pixels)
                     kept.append(i)
         except av.error.FFmpegError as e:
             raise InputError(
@@ -213,4 +234,8 @@ def load_video(source: VideoSource, sample: Callable[[VideoMetadata], np.ndarray
             metadata.total_frames,
             len(kept),
         )
-    return VideoClip(frames=np.stack(frames), indices=np.asarray(kept, dtype=np.int64), metadata=metadata)
+    if len({f.shape for f in frames}) > 1:
+        raise InputError(f"video {name} changes its frame size mid-stream; re-encode it at one resolution")
+    return VideoClip(
+        frames=np.stack(frames), indices=np.asarray(kept, dtype=np.int64), metadata=metadata, decoded_size=decoded
+    )

@@ -33,7 +33,8 @@ from vlm_export.runtime.families.llava_onevision.video import (
     sample_frame_indices,
 )
 from vlm_export.runtime.families.positions import text_positions
-from vlm_export.runtime.image_io import load_image
+from vlm_export.runtime.families.video_budget import check_video_tokens, token_limit
+from vlm_export.runtime.image_io import describe_source, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,22 @@ class LlavaOnevisionRuntime:
                 f"use {' or '.join(VIDEO_OPTIONS)}"
             )
 
+        every_frame = not options and not cfg.do_sample_frames
+        name = f"video {describe_source(item.source)}"
+        side = self.packing.patches_per_side
+
         def sample(meta: Any) -> np.ndarray:
             indices = sample_frame_indices(meta.total_frames, meta.fps, cfg, **options)
-            if len(indices) > ALL_FRAMES_WARNING and not options and not cfg.do_sample_frames:
+            sampling = "every frame: the model's default without fps or num_frames" if every_frame else "as asked"
+            check_video_tokens(  # before any frame is decoded
+                name,
+                meta,
+                len(indices),
+                lambda n: num_video_tokens(n, side),
+                token_limit(self.manifest),
+                sampling=sampling,
+            )
+            if len(indices) > ALL_FRAMES_WARNING and every_frame:
                 logger.warning(
                     "using all %d frames of the video (transformers' default for this model: no sampling); "
                     "pass num_frames or fps to sample fewer",
@@ -147,7 +161,9 @@ class LlavaOnevisionRuntime:
                 )
             return indices
 
-        clip = load_video(item.source, sample)
+        # each frame is squashed to the tower's size as it is decoded: memory follows the frame count, not the video
+        resize = (lambda *_: (*cfg.size, cfg.resize_mode)) if cfg.do_resize else None
+        clip = load_video(item.source, sample, resize)
         return preprocess_frames(clip.frames, cfg), clip.indices
 
     def postprocess_vision(self, outputs: dict[str, np.ndarray], visual: VisualBatch) -> dict[str, np.ndarray]:

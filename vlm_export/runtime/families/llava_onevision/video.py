@@ -77,6 +77,11 @@ class LlavaOnevisionVideoConfig:
     num_frames: int | None = None  # default frame count when sampling
     fps: float | None = None  # default frames per second when sampling (num_frames wins when both are set)
 
+    @property
+    def resize_mode(self) -> str:
+        """`runtime.video_resize` mode of `resample`."""
+        return _MODES[self.resample]
+
     @classmethod
     def from_processor_dict(cls, d: Mapping[str, Any]) -> LlavaOnevisionVideoConfig:
         """Settings from a video-processor dict (``processor_config.json["video_processor"]``,
@@ -230,7 +235,7 @@ def preprocess_frames(frames: np.ndarray, cfg: LlavaOnevisionVideoConfig) -> np.
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
     if cfg.do_resize:
-        frames = resize_frames(frames, *cfg.size, mode=_MODES[cfg.resample])
+        frames = resize_frames(frames, *cfg.size, mode=cfg.resize_mode)
     if frames.shape[1:3] != cfg.size:
         raise InputError(
             f"video frames are {frames.shape[2]}x{frames.shape[1]} but the vision tower takes "

@@ -4,6 +4,7 @@ positions (videos scaled in time by ``second_per_grid_ts``)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from vlm_export.runtime.families.qwen2_vl.video import (
     video_patches,
 )
 from vlm_export.runtime.families.qwen2_vl.vision_inputs import qwen2_5_vl_vision_inputs
+from vlm_export.runtime.families.video_budget import check_video_tokens, token_limit
 from vlm_export.runtime.image_io import load_image
 from vlm_export.runtime.segments import segment_layout
 from vlm_export.runtime.video_io import VideoClip, VideoMetadata, load_video
@@ -140,6 +142,22 @@ class Qwen2_5_VLRuntime:
     def frame_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         return qwen2_vl_frame_size(num_frames, height, width, self._video_config())
 
+    def check_video_tokens(self, name: str, meta: VideoMetadata, sampled: int, options: VideoOptions) -> None:
+        """Refuse, from the headers alone, a video whose sampled frames need more tokens than the export takes."""
+        cfg = self._video_config()
+        merge, tps = cfg.merge_size, cfg.temporal_patch_size
+
+        def tokens_for(count: int) -> int:
+            original = (meta.height, meta.width)
+            height, width = self.frame_size(count, *original) if cfg.do_resize else original
+            grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
+            return math.ceil(count / tps) * grid_h * grid_w // (merge * merge)
+
+        sampling = "as asked" if options.samples else "the model's default sampling"
+        if not (options.samples or cfg.do_sample_frames):
+            sampling = "every frame: the model's default without fps or num_frames"
+        check_video_tokens(name, meta, sampled, tokens_for, token_limit(self.manifest), sampling=sampling, step=tps)
+
     def video_info(self, clip: VideoClip) -> dict[str, Any]:
         """Timing the rope index needs: ``second_per_grid_ts = temporal_patch_size / sampled_fps``
         (Qwen2_5_VLProcessor._process_videos, with VideoMetadata.sampled_fps)."""
@@ -154,11 +172,25 @@ class Qwen2_5_VLRuntime:
             raise InputError(
                 f"unsupported video source of type {type(item.source).__name__}: pass the path of a video file"
             )
-        options = VideoOptions.from_item(item.options, name=f"video {os.fspath(item.source)!r}")
-        clip = load_video(item.source, lambda meta: self.sample_indices(meta, options))
+        name = f"video {os.fspath(item.source)!r}"
+        options = VideoOptions.from_item(item.options, name=name)
+
+        def sample(meta: VideoMetadata) -> np.ndarray:
+            indices = self.sample_indices(meta, options)
+            self.check_video_tokens(name, meta, len(indices), options)  # before any frame is decoded
+            return indices
+
+        def resize(count: int, height: int, width: int) -> tuple[int, int, str] | None:
+            return (*self.frame_size(count, height, width), cfg.resize_mode) if cfg.do_resize else None
+
+        clip = load_video(item.source, sample, resize)
+        original = clip.decoded_size or clip.frames.shape[1:3]
+        size = self.frame_size(len(clip.frames), *original) if cfg.do_resize else None
+        if size is not None and size != clip.frames.shape[1:3]:
+            # the stream held fewer frames than its header said, and the size depends on the count: decode again
+            clip = load_video(item.source, lambda meta: clip.indices, lambda *_: (*size, cfg.resize_mode))
         frames = clip.frames
-        size = self.frame_size(len(frames), frames.shape[1], frames.shape[2]) if cfg.do_resize else None
-        pixels, grid = video_patches(frames, size, cfg, name=f"video {os.fspath(item.source)!r}")
+        pixels, grid = video_patches(frames, size, cfg, name=name)
         info = self.video_info(clip)
         info["indices"] = clip.indices
         return pixels, grid, info
