@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from vlm_export.errors import VLMExportError
+from vlm_export.errors import InputError, VLMExportError
 
 DEFAULT_MAX_NEW_TOKENS = 256
+MAX_PROMPT_BYTES = 64 << 20
 EPILOG = """\
 examples:
   vlm-run out/qwen25vl --image cat.jpg --prompt "Describe it."
@@ -18,6 +20,7 @@ examples:
   vlm-run out/qwen25vl --video clip.mp4 --fps 1 --prompt "What happens in this video?"
   vlm-run out/qwen3vl --image a.png --video clip.mp4 --num-frames 8 --prompt "Is the picture in the video?"
   vlm-run out/qwen25vl --prompt "Hello" --json
+  vlm-run out/qwen25vl --image page.png --prompt-file question.txt
 
 Images come before videos in the message, then the prompt. Without --fps/--num-frames videos are sampled as the
 model's video processor does by default (Qwen2.5-VL: every frame; Qwen3-VL: 2 fps).
@@ -35,7 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", type=Path, help="folder written by vlm-export")
-    parser.add_argument("--prompt", required=True, help="user message text")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="user message text")
+    prompt.add_argument(
+        "--prompt-file",
+        type=Path,
+        metavar="PATH",
+        help="read the user message from a UTF-8 text file ('-' = stdin; one final newline is dropped), for prompts "
+        "too long for the command line",
+    )
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
     frames = parser.add_mutually_exclusive_group()
@@ -59,11 +70,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _messages(args: argparse.Namespace) -> list[dict]:
+def _prompt_text(args: argparse.Namespace) -> str:
+    """The user message: --prompt as given (checked for undecodable bytes), or --prompt-file's UTF-8 text."""
+    if args.prompt is not None:
+        _check_utf8(args.prompt, "--prompt")
+        return args.prompt
+    path = args.prompt_file
+    try:
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        else:
+            with open(path, "rb") as file:  # a pipe (`<(command)`) is fine here: it is read to its end
+                data = file.read(MAX_PROMPT_BYTES + 1)
+    except OSError as error:
+        raise InputError(f"cannot read --prompt-file {str(path)!r}: {error.strerror or error}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise InputError(f"--prompt-file {str(path)!r} is larger than {MAX_PROMPT_BYTES >> 20} MiB; no model takes it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"--prompt-file {str(path)!r} is not UTF-8 text (byte {error.start}); convert it, e.g. with iconv"
+        ) from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+        raise InputError(
+            f"{what} is not valid UTF-8 (undecodable byte at character {error.start}); pass UTF-8 text, or put "
+            "the prompt in a file and use --prompt-file"
+        ) from None
+
+
+def _messages(args: argparse.Namespace, prompt: str) -> list[dict]:
     content: list[dict] = [{"type": "image", "path": path} for path in args.image]
     sampling = {key: value for key, value in (("fps", args.fps), ("num_frames", args.num_frames)) if value is not None}
     content += [{"type": "video", "path": path, **sampling} for path in args.video]
-    content.append({"type": "text", "text": args.prompt})
+    content.append({"type": "text", "text": prompt})
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": content})
     return messages
@@ -92,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.temperature is not None:
         settings["do_sample"] = True
     try:
+        prompt = _prompt_text(args)
+        if args.system is not None:
+            _check_utf8(args.system, "--system")
         pipe = VLMPipeline.from_pretrained(args.model, backend=args.backend)
         if settings["max_new_tokens"] is None and "max_new_tokens" not in pipe.generation_config:
             settings["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-        messages = _messages(args)
+        messages = _messages(args, prompt)
         if args.json:
             result = pipe.generate(messages, **settings)
             print(json.dumps(result.to_dict(), ensure_ascii=False))
@@ -109,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`vlm-run ... | head`): stop quietly, as command-line tools do on SIGPIPE; stdout
+        # now points at /dev/null so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -18,8 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
 import re
+import stat
+import threading
+import warnings
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
@@ -28,6 +32,8 @@ import PIL.Image
 import PIL.ImageOps
 
 from vlm_export.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | PIL.Image.Image | np.ndarray | bytes
 
@@ -137,6 +143,8 @@ def _load_path(path: str, name: str) -> PIL.Image.Image:
         raise InputError(f"image file not found: {name}; check the path (relative paths are resolved from the cwd)")
     if os.path.isdir(path):
         raise InputError(f"image path {name} is a directory; pass an image file")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block until something writes to it
+        raise InputError(f"image path {name} is not a regular file (a pipe or device?); save the image to a file")
     if not os.access(path, os.R_OK):
         raise InputError(f"image file {name} is not readable; check its permissions")
     return _decode(path, name)
@@ -150,7 +158,7 @@ def _decode(fp: str | io.BytesIO, name: str) -> PIL.Image.Image:
     when ``convert`` left a ``transparency`` entry in ``info`` (palette images with a transparent index).
     """
     try:
-        with PIL.Image.open(fp) as opened:
+        with _open_quietly(fp, name) as opened:
             image = PIL.ImageOps.exif_transpose(opened)  # loads the pixels; returns a new image
             image = image.convert("RGB")
     except PIL.Image.DecompressionBombError as e:
@@ -165,6 +173,32 @@ def _decode(fp: str | io.BytesIO, name: str) -> PIL.Image.Image:
             f"cannot read image {name}: {_one_line(e)} (the file is corrupt or truncated); re-save or re-download it"
         ) from e
     return convert_to_rgb(image, name=name)
+
+
+_WARNINGS_LOCK = threading.Lock()  # catch_warnings swaps process-wide state: one opener at a time
+
+
+def _open_quietly(fp: str | io.BytesIO, name: str) -> PIL.Image.Image:
+    """``PIL.Image.open`` (headers only), with Pillow's DecompressionBombWarning for images between its warning
+    and error thresholds turned into one logged line instead of a raw two-line warning; other warnings raised
+    meanwhile are shown as they would have been."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PIL.Image.DecompressionBombWarning)
+        opened = PIL.Image.open(fp)
+    for warning in caught:
+        if issubclass(warning.category, PIL.Image.DecompressionBombWarning):
+            pixels = opened.width * opened.height
+            logger.warning(
+                "image %s has %s pixels, above Pillow's decompression-bomb warning threshold (%s): decoding it "
+                "takes about %.1f GB; downscale it first if that is not intended",
+                name,
+                f"{pixels:,}",
+                f"{PIL.Image.MAX_IMAGE_PIXELS:,}",
+                pixels * 4 / 1e9,
+            )
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return opened
 
 
 def convert_to_rgb(image: PIL.Image.Image, *, name: str | None = None) -> PIL.Image.Image:

@@ -25,7 +25,6 @@ torch's tokens. Nothing here imports torch or transformers.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,10 @@ import numpy as np
 from vlm_export.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+# Temperature and repetition penalty divide float32 logits: outside this range the result overflows (a 1e-40
+# temperature is a float32 denormal: every logit becomes inf) or rounds the divisor to inf (NaN scores).
+_MIN_SCALE, _MAX_SCALE = 1e-30, 1e30
 
 # transformers 5.24 GenerationConfig._get_default_generation_params (configuration_utils.py), subset.
 _DEFAULT_TOP_K = 50
@@ -149,10 +152,10 @@ class GenerationSettings:
 
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+        if self.do_sample and not (_MIN_SCALE <= self.temperature <= _MAX_SCALE):
             raise InputError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; "
-                "for greedy decoding set do_sample=False instead"
+                f"temperature must be between {_MIN_SCALE:g} and {_MAX_SCALE:g} when sampling, got {self.temperature} "
+                "(logits divided by a smaller one overflow float32); for greedy decoding set do_sample=False instead"
             )
         if self.top_k is not None and self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0 disables top-k), got {self.top_k}")
@@ -160,8 +163,11 @@ class GenerationSettings:
             raise InputError(f"top_p must be in (0, 1] (1.0 disables nucleus sampling), got {self.top_p}")
         if self.min_p is not None and not (0.0 <= self.min_p <= 1.0):
             raise InputError(f"min_p must be in [0, 1] or unset, got {self.min_p}")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise InputError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
+        if not (_MIN_SCALE <= self.repetition_penalty <= _MAX_SCALE):
+            raise InputError(
+                f"repetition_penalty must be between {_MIN_SCALE:g} and {_MAX_SCALE:g} (1.0 disables it), got "
+                f"{self.repetition_penalty}"
+            )
         if self.seed is not None and self.seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {self.seed}")
 
