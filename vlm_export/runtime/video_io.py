@@ -36,6 +36,9 @@ VideoSource = str | os.PathLike
 
 # transformers' VideoMetadata.sampled_fps falls back to 24 when the rate is unknown; so do we.
 _DEFAULT_FPS = 24.0
+#: Header values beyond any real video (46 hours at 100 fps; 8192 x 8192), refused before anything is allocated.
+MAX_FRAMES = 1 << 24
+MAX_FRAME_PIXELS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -133,14 +136,14 @@ def _count_packets(container: av.container.InputContainer, stream: av.video.stre
 def _frame_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream, frames: int) -> float:
     """``average_rate`` as transformers reads it; guessed/base rate or frames per second of duration otherwise."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
-        if rate:
+        if rate and 0 < float(rate) < 1e6:  # a corrupt header can hold a negative or absurd rate
             return float(rate)
     seconds = None
     if stream.duration and stream.time_base:
         seconds = float(stream.duration * Fraction(stream.time_base))
     elif container.duration:
         seconds = container.duration / _av().time_base
-    if seconds and frames:
+    if seconds and seconds > 0 and frames and 0 < frames / seconds < 1e6:
         return frames / seconds
     logger.warning("video has no frame rate in its headers; assuming %.0f fps", _DEFAULT_FPS)
     return _DEFAULT_FPS
@@ -152,10 +155,16 @@ def _metadata(container: av.container.InputContainer, stream: av.video.stream.Vi
         frames = _count_packets(container, stream, name)
     if frames <= 0:
         raise InputError(f"video {name} contains no frames; pass a video with at least one frame")
+    if frames > MAX_FRAMES:  # a header can claim anything: every sampler builds an index array of this length
+        raise InputError(f"video {name} claims {frames:,} frames (more than {MAX_FRAMES:,}); cut it or re-encode it")
     fps = _frame_rate(container, stream, frames)
     width, height = int(stream.width or 0), int(stream.height or 0)
     if width <= 0 or height <= 0:
         raise InputError(f"video {name} has no frame size ({width}x{height}) in its headers; re-encode it")
+    if width * height > MAX_FRAME_PIXELS:
+        raise InputError(
+            f"video {name} has {width}x{height} frames, more than {MAX_FRAME_PIXELS:,} pixels each; downscale it"
+        )
     return VideoMetadata(total_frames=frames, fps=fps, duration=frames / fps, width=width, height=height)
 
 
