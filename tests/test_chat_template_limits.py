@@ -1,0 +1,158 @@
+"""Chat templates render as in transformers, and a hostile one is stopped with a one-line error (issue 20, item 5).
+
+The export folder's chat template is untrusted: jinja2's sandbox already refuses code execution; these tests cover
+what it does not, runaway loops, recursion, huge values and output, and tags that load other templates.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from vlm_export.errors import InputError, ManifestError
+from vlm_export.runtime import chat
+from vlm_export.runtime.template_sandbox import RenderLimits
+from vlm_export.testing import chat_templates
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
+MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+CONVERSATIONS = [
+    chat_templates.REFERENCE_CONVERSATION,
+    chat_templates.LLAVA_ONEVISION_CHAT_CONVERSATION,
+    *(conversation for conversation, _ in chat_templates.LLAVA_ONEVISION_DOC_EXAMPLES),
+    [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "and this?"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "A cat."}],
+            "tool_calls": [{"function": {"name": "f", "arguments": {"a": [1, 2]}}}],
+        },
+        {"role": "tool", "content": [{"type": "text", "text": "42"}]},
+        {"role": "user", "content": [{"type": "video", "path": "v.mp4"}, {"type": "text", "text": "x" * 5000}]},
+    ],
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kwargs", [{}, {"add_vision_id": True}, {"tools": TOOLS}], ids=["plain", "vision_id", "tools"])
+def test_real_templates_render_as_in_transformers(family, kwargs):
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = chat_templates.chat_template_for(family)
+    conversations = [*CONVERSATIONS, [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello"}]]
+    if family == "llava_onevision":  # its template drops string content: see the next test
+        conversations = [c for c in conversations if not any(isinstance(m["content"], str) for m in c)]
+    for conversation in conversations:
+        rendered, _ = render_jinja_template(
+            conversations=[copy.deepcopy(conversation)], chat_template=template, add_generation_prompt=True, **kwargs
+        )
+        assert chat.render_chat(template, copy.deepcopy(conversation), **kwargs) == rendered[0]
+
+
+def test_string_content_a_template_would_drop_becomes_a_text_part():
+    template = chat_templates.chat_template_for("llava_onevision")
+    as_string = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello"}]
+    as_parts = [
+        {"role": r, "content": [{"type": "text", "text": t}]} for r, t in (("system", "sys"), ("user", "hello"))
+    ]
+    assert chat.render_chat(template, as_string) == chat.render_chat(template, as_parts)
+    assert "hello" in chat.render_chat(template, as_string)
+
+
+TIGHT = RenderLimits(seconds=30.0, steps=200_000, value_chars=1 << 20, output_chars=4 << 20)
+
+STOPPED = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "huge range": "{% for a in range(10**9) %}{% endfor %}",
+    "range to list": "{{ range(1000000)|list|length }}",
+    "string repetition": "{{ 'x' * 10**10 }}",
+    "big power": "{{ (2**60)**(2**20) }}",
+    "center filter": "{{ 'x'|center(10**9) }}",
+    "ljust method": "{{ 'x'.ljust(999999999) }}",
+    "format width": "{{ '{:>999999999}'.format(1) }}",
+    "percent width": "{{ '%999999999d' % 1 }}",
+    "percent star": "{{ '%*d' % (999999999, 1) }}",
+    "format filter": "{{ '%999999999d'|format(1) }}",
+    "replace": "{% set s = 'x' * 100000 %}{{ s.replace('', s) }}",
+    "replace filter": "{% set s = 'x' * 100000 %}{{ s|replace('', s) }}",
+    "join separator": "{% set s = 'x' * 100000 %}{{ range(1000)|join(s) }}",
+    "join method": "{% set s = 'x' * 100000 %}{{ s.join(range(1000)|map('string')) }}",
+    "translate": "{% set s = 'x' * 100000 %}{{ s.translate({120: s}) }}",
+    "expandtabs": "{% set s = '\t' * 100000 %}{{ s.expandtabs(1000) }}",
+    "strip with long chars": "{% set s = 'y' * 100000 %}{% set c = 'x' * 100000 ~ 'y' %}{{ s.strip(c) }}",
+    "namespace doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}",
+    "set doubling": "{% set s = 'xxxxxxxxxxxxxxxx' %}" + "{% set s = s ~ s %}" * 40,
+    "recursion doubling": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('x', 60) }}",
+    "macro recursion": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "recursive loop": "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
+    "output flood": "{% for a in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+    "block capture flood": "{% set s = 'x' * 100000 %}{% set b %}{% for a in range(1000) %}{{ s }}{% endfor %}"
+    "{% endset %}",
+    "list of references": "{% set s = 'x' * 800000 %}{{ [s, s] }}",
+    "batch fill": "{{ [1]|batch(1000000000, 'x')|list }}",
+    "slice count": "{{ [1]|slice(1000000)|list }}",
+    "indent width": "{% set s = '\n' * 100000 %}{{ s|indent(1000) }}",
+    "wordwrap long word": "{{ ('x' * 1000000)|wordwrap(1) }}",
+    "lipsum": "{{ lipsum(1000000) }}",
+    "huge int parse": "{{ ('9' * 100000)|int }}",
+    "integer squaring": "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+    "sum of lists": "{{ (range(10000)|map('string')|list|batch(1)|list)|sum(start=[]) }}",
+    "tojson indent": "{{ messages|tojson(indent=10**9) }}",
+}
+FAILING = {  # not limits, but still tracebacks before: every exception of a render is one line
+    "division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "type error": ("{{ messages + 1 }}", "TypeError"),
+    "unsafe attribute": ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    "raise_exception": ("{{ raise_exception('no system messages') }}", "no system messages"),
+}
+
+
+@pytest.mark.parametrize("template", list(STOPPED.values()), ids=list(STOPPED))
+def test_hostile_templates_are_stopped(template, monkeypatch):
+    monkeypatch.setattr(chat, "DEFAULT_LIMITS", TIGHT)
+    with pytest.raises(InputError, match="the chat template was stopped") as error:
+        chat.render_chat(template, MESSAGES)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("template", "needle"), list(FAILING.values()), ids=list(FAILING))
+def test_failing_templates_are_one_line_input_errors(template, needle):
+    with pytest.raises(InputError, match=needle) as error:
+        chat.render_chat(template, MESSAGES)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{% include 'x.jinja' %}", "{% import 'x.jinja' as x %}", "{% from 'x.jinja' import y %}", "{% extends 'x' %}"],
+)
+def test_templates_that_load_others_are_refused_at_compile_time(template):
+    with pytest.raises(ManifestError, match="which a chat template cannot use"):
+        chat.render_chat(template, MESSAGES)
+
+
+def test_syntax_errors_and_oversized_templates_are_manifest_errors():
+    with pytest.raises(ManifestError, match="not valid Jinja"):
+        chat.render_chat("{% for %}", MESSAGES)
+    with pytest.raises(ManifestError, match="characters"):
+        chat.render_chat("x" * (2 << 20), MESSAGES)
+
+
+def test_the_deadline_stops_a_render(monkeypatch):
+    monkeypatch.setattr(chat, "DEFAULT_LIMITS", RenderLimits(seconds=0.0))
+    with pytest.raises(InputError, match=r"ran longer than 0 s"):
+        chat.render_chat("{% for a in range(10) %}{{ a }}{% endfor %}", MESSAGES)
+
+
+def test_limits_scale_with_the_messages():
+    """A long prompt is not a hostile template: the size limits grow with the size of the messages."""
+    text = "word " * 1_000_000  # 5 MB of text, above the fixed part of the per-value limit
+    template = chat_templates.chat_template_for("qwen2_5_vl")
+    rendered = chat.render_chat(template, [{"role": "user", "content": [{"type": "text", "text": text}]}])
+    assert text in rendered
