@@ -7,6 +7,7 @@ what it does not, runaway loops, recursion, huge values and output, and tags tha
 from __future__ import annotations
 
 import copy
+import tracemalloc
 
 import pytest
 
@@ -66,44 +67,59 @@ def test_string_content_a_template_would_drop_becomes_a_text_part():
 
 TIGHT = RenderLimits(seconds=30.0, steps=200_000, value_chars=1 << 20, output_chars=4 << 20)
 
+# name: (template, what stops it). Sizes are chosen so that a missing pre-check would allocate far more than the
+# tracemalloc bound below, not just fail later.
 STOPPED = {
-    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
-    "huge range": "{% for a in range(10**9) %}{% endfor %}",
-    "range to list": "{{ range(1000000)|list|length }}",
-    "string repetition": "{{ 'x' * 10**10 }}",
-    "big power": "{{ (2**60)**(2**20) }}",
-    "center filter": "{{ 'x'|center(10**9) }}",
-    "ljust method": "{{ 'x'.ljust(999999999) }}",
-    "format width": "{{ '{:>999999999}'.format(1) }}",
-    "percent width": "{{ '%999999999d' % 1 }}",
-    "percent star": "{{ '%*d' % (999999999, 1) }}",
-    "format filter": "{{ '%999999999d'|format(1) }}",
-    "replace": "{% set s = 'x' * 100000 %}{{ s.replace('', s) }}",
-    "replace filter": "{% set s = 'x' * 100000 %}{{ s|replace('', s) }}",
-    "join separator": "{% set s = 'x' * 100000 %}{{ range(1000)|join(s) }}",
-    "join method": "{% set s = 'x' * 100000 %}{{ s.join(range(1000)|map('string')) }}",
-    "translate": "{% set s = 'x' * 100000 %}{{ s.translate({120: s}) }}",
-    "expandtabs": "{% set s = '\t' * 100000 %}{{ s.expandtabs(1000) }}",
-    "strip with long chars": "{% set s = 'y' * 100000 %}{% set c = 'x' * 100000 ~ 'y' %}{{ s.strip(c) }}",
-    "namespace doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
-    "{% endfor %}",
-    "set doubling": "{% set s = 'xxxxxxxxxxxxxxxx' %}" + "{% set s = s ~ s %}" * 40,
-    "recursion doubling": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('x', 60) }}",
-    "macro recursion": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
-    "recursive loop": "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
-    "output flood": "{% for a in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
-    "block capture flood": "{% set s = 'x' * 100000 %}{% set b %}{% for a in range(1000) %}{{ s }}{% endfor %}"
-    "{% endset %}",
-    "list of references": "{% set s = 'x' * 800000 %}{{ [s, s] }}",
-    "batch fill": "{{ [1]|batch(1000000000, 'x')|list }}",
-    "slice count": "{{ [1]|slice(1000000)|list }}",
-    "indent width": "{% set s = '\n' * 100000 %}{{ s|indent(1000) }}",
-    "wordwrap long word": "{{ ('x' * 1000000)|wordwrap(1) }}",
-    "lipsum": "{{ lipsum(1000000) }}",
-    "huge int parse": "{{ ('9' * 100000)|int }}",
-    "integer squaring": "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
-    "sum of lists": "{{ (range(10000)|map('string')|list|batch(1)|list)|sum(start=[]) }}",
-    "tojson indent": "{{ messages|tojson(indent=10**9) }}",
+    "nested loops": ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+    "huge range": ("{% for a in range(10**9) %}{% endfor %}", "range"),
+    "range to list": ("{{ range(1000000)|list|length }}", "range"),
+    "string repetition": ("{{ 'x' * 10**10 }}", "`*` repetition"),
+    "big power": ("{{ (2**60)**(2**20) }}", "bits"),
+    "center filter": ("{{ 'x'|center(10**9) }}", "filter center"),
+    "ljust method": ("{{ 'x'.ljust(999999999) }}", "str.ljust"),
+    "format width": ("{{ '{:>999999999}'.format(1) }}", "str.format"),
+    "percent width": ("{{ '%999999999d' % 1 }}", "`%` formatting"),
+    "percent star": ("{{ '%*d' % (999999999, 1) }}", "`%` formatting"),
+    "format filter": ("{{ '%999999999d'|format(1) }}", "filter format"),
+    "replace": ("{% set s = 'x' * 100000 %}{{ s.replace('', s) }}", "str.replace"),
+    "replace filter": ("{% set s = 'x' * 100000 %}{{ s|replace('', s) }}", "filter replace"),
+    "join separator": ("{% set s = 'x' * 1000000 %}{{ range(1000)|join(s) }}", "join would"),
+    "join method": ("{% set s = 'x' * 1000000 %}{{ s.join(range(1000)|map('string')) }}", "str.join"),
+    "translate": ("{% set s = 'x' * 100000 %}{{ s.translate({120: s}) }}", "str.translate"),
+    "expandtabs": ("{% set s = '\t' * 100000 %}{{ s.expandtabs(1000) }}", "str.expandtabs"),
+    "strip with long chars": (
+        "{% set s = 'y' * 100000 %}{% set c = 'x' * 100000 ~ 'y' %}{{ s.strip(c) }}",
+        "str.strip",
+    ),
+    "namespace doubling": (
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "concatenation",
+    ),
+    "set doubling": ("{% set s = 'xxxxxxxxxxxxxxxx' %}" + "{% set s = s ~ s %}" * 40, "concatenation"),
+    "recursion doubling": (
+        "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('x', 60) }}",
+        "concatenation",
+    ),
+    "macro recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "calls nest deeper"),
+    "recursive loop": ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "calls nest deeper"),
+    "output flood": ("{% for a in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output more than"),
+    "block capture flood": (
+        "{% set s = 'x' * 1000000 %}{% set b %}{% for a in range(1000) %}{{ s }}{% endfor %}{% endset %}",
+        "output more than",
+    ),
+    "list of references": ("{% set s = 'x' * 800000 %}{{ [s, s, s, s, s, s, s, s, s, s] }}", "an output would"),
+    "batch fill": ("{{ [1]|batch(1000000000, 'x')|list }}", "filter batch"),
+    "slice count": ("{{ [1]|slice(1000000)|list }}", "filter slice"),
+    "indent width": ("{% set s = '\n' * 100000 %}{{ s|indent(1000) }}", "filter indent"),
+    "wordwrap long word": ("{{ ('x' * 1000000)|wordwrap(1) }}", "filter wordwrap"),
+    "lipsum": ("{{ lipsum(1000000) }}", "lipsum"),
+    "huge int parse": ("{{ ('9' * 100000)|int }}", "filter int"),
+    "integer squaring": (
+        "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+        "bits",
+    ),
+    "sum of lists": ("{{ (range(10000)|map('string')|list|batch(1)|list)|sum(start=[]) }}", "filter sum"),
+    "tojson indent": ("{{ messages|tojson(indent=10**9) }}", "filter tojson"),
 }
 FAILING = {  # not limits, but still tracebacks before: every exception of a render is one line
     "division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
@@ -113,12 +129,19 @@ FAILING = {  # not limits, but still tracebacks before: every exception of a ren
 }
 
 
-@pytest.mark.parametrize("template", list(STOPPED.values()), ids=list(STOPPED))
-def test_hostile_templates_are_stopped(template, monkeypatch):
+@pytest.mark.parametrize(("template", "reason"), list(STOPPED.values()), ids=list(STOPPED))
+def test_hostile_templates_are_stopped(template, reason, monkeypatch):
+    """Stopped for the expected reason (not by a later, slower limit), before allocating much (tracemalloc)."""
     monkeypatch.setattr(chat, "DEFAULT_LIMITS", TIGHT)
-    with pytest.raises(InputError, match="the chat template was stopped") as error:
-        chat.render_chat(template, MESSAGES)
-    assert "\n" not in str(error.value)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="the chat template was stopped") as error:
+            chat.render_chat(template, MESSAGES)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reason in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert peak < 64 << 20, f"{peak >> 20} MiB allocated before the render was stopped"
 
 
 @pytest.mark.parametrize(("template", "needle"), list(FAILING.values()), ids=list(FAILING))

@@ -144,6 +144,12 @@ def test_additive_manifest_fields_and_malformed_family_sections(exported_qwen2_5
     _one_line_error(_vlm_run(str(folder), "--prompt", "x"), "malformed")
     _edit_manifest(folder, lambda d: d["text"].update(num_kv_heads=2) or d["preprocessing"].pop("patch_size"))
     _one_line_error(_vlm_run(str(folder), "--prompt", "x"), "patch_size")
+    _edit_manifest(folder, lambda d: d["preprocessing"].update(patch_size=14) or d["tokens"].pop("image_token_id"))
+    with pytest.raises(ManifestError, match=r"malformed.*image_token_id"):  # found by test_fuzz_runtime
+        _load(folder)
+    _edit_manifest(folder, lambda d: d["tokens"].update(image_token_id=2**40))
+    with pytest.raises(ManifestError, match="malformed"):
+        _load(folder)
 
 
 # -- item 5: chat templates are bounded -------------------------------------------------------------------------
@@ -307,3 +313,17 @@ def test_decompression_bomb_warning_becomes_a_log_line(tmp_path, monkeypatch, ca
             image = load_image(path)
     assert image.size == (40, 40)
     assert "decompression-bomb warning threshold" in caplog.text and len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty"])
+def test_scales_that_overflow_float32_logits_are_refused(name):
+    from vlm_export.runtime.sampling import GenerationSettings, TokenSelector
+
+    for bad in (1e-40, 1e-31, 1e31, float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(InputError, match=name):
+            GenerationSettings(do_sample=True, **{name: bad})
+    logits = np.full((1, 1000), -3e4, dtype=np.float32)
+    logits[0, 7] = 3e4  # extreme but finite
+    for edge in (1e-30, 1e30):
+        settings = GenerationSettings(do_sample=True, seed=0, **{name: edge})
+        assert TokenSelector(settings).select(logits, np.array([[7, 8]])).shape == (1,)

@@ -153,7 +153,13 @@ class VLMPipeline:
             self.family = runtime_family_for(manifest, folder)
             in_place = self.graph_forms["decoder"].in_place_cache
             self.generator = Generator(manifest, self.sessions, self.family, in_place_cache=in_place)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            self.token_text = {}
+            for kind in ("image", "video"):
+                text = self.tokenizer.id_to_token(self.family.placeholder_token(kind))
+                if text is None:
+                    raise ManifestError(f"the tokenizer has no {kind} placeholder token; re-export the model")
+                self.token_text[kind] = text
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
             raise ManifestError(
                 f"{folder / MANIFEST_NAME} is malformed ({type(error).__name__}: {error}); re-export the model"
             ) from None
@@ -162,12 +168,6 @@ class VLMPipeline:
         # The vision encoder loads on the first request with an image or video: text-only use never holds it.
         for name in ("decoder", "embedding"):
             self.sessions[name]  # loads it now
-        self.token_text = {}
-        for kind in ("image", "video"):
-            text = self.tokenizer.id_to_token(self.family.placeholder_token(kind))
-            if text is None:
-                raise ManifestError(f"the tokenizer has no {kind} placeholder token; re-export the model")
-            self.token_text[kind] = text
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, backend: str = "ort-cpu", **backend_options: Any) -> VLMPipeline:
