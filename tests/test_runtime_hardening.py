@@ -18,6 +18,7 @@ import PIL.Image
 import pytest
 
 from vlm_export.errors import InputError, ManifestError
+from vlm_export.manifest import Manifest
 
 
 def _vlm_run(*args: str | bytes, **kwargs) -> subprocess.CompletedProcess:
@@ -327,3 +328,40 @@ def test_scales_that_overflow_float32_logits_are_refused(name):
     for edge in (1e-30, 1e30):
         settings = GenerationSettings(do_sample=True, seed=0, **{name: edge})
         assert TokenSelector(settings).select(logits, np.array([[7, 8]])).shape == (1,)
+
+
+def test_trt_engine_paths_stay_inside_the_folder(exported_qwen2_5_vl, tmp_path):
+    """The TensorRT backend reads engines the manifest names; TensorRT itself cannot run here, so the backend is
+    built without it and must refuse before deserializing anything (real engines: tests/test_gpu.py)."""
+    from types import SimpleNamespace
+
+    from vlm_export.runtime.backends.trt import TrtBackend
+
+    folder = _copy(exported_qwen2_5_vl, tmp_path)
+    (tmp_path / "secret.engine").write_bytes(b"not yours")
+    meta = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "graphs": {"decoder": {"engine": ""}}}
+    backend = TrtBackend.__new__(TrtBackend)
+
+    def refuse(data):
+        raise AssertionError("an engine outside the folder was read")
+
+    backend.trt = SimpleNamespace(__version__="10.3.0")
+    backend.runtime = SimpleNamespace(deserialize_cuda_engine=refuse)
+    backend.compute_capability = "8.7"
+    for engine in ("../secret.engine", str(tmp_path / "secret.engine")):
+        meta["graphs"]["decoder"]["engine"] = engine
+        _edit_manifest(folder, lambda d: d["engines"].update(tensorrt=meta))
+        backend.folder, backend._meta = None, None
+        manifest = Manifest.load(folder)
+        with pytest.raises(ManifestError, match="TensorRT engine"):
+            backend.load(manifest.graph_path(folder, "decoder"), manifest.graphs["decoder"])
+
+
+def test_build_engines_reads_no_graph_outside_the_folder(exported_qwen2_5_vl, tmp_path):
+    from vlm_export.exporter.engines import check_ops
+
+    folder = _copy(exported_qwen2_5_vl, tmp_path)
+    other = _copy(exported_qwen2_5_vl, tmp_path / "other")
+    _edit_manifest(folder, lambda d: d["graphs"]["decoder"].update(file=str(other / "decoder.onnx")))
+    with pytest.raises(ManifestError, match="export folder"):
+        check_ops(folder, "10.3.0")
