@@ -151,6 +151,9 @@ def test_additive_manifest_fields_and_malformed_family_sections(exported_qwen2_5
     _edit_manifest(folder, lambda d: d["tokens"].update(image_token_id=2**40))
     with pytest.raises(ManifestError, match="malformed"):
         _load(folder)
+    _edit_manifest(folder, lambda d: d["tokens"].update(image_token_id=151655) or d["vision"].pop("spatial_merge_size"))
+    with pytest.raises(ManifestError, match=r"vision.spatial_merge_size"):  # was a KeyError at the first request
+        _load(folder)
 
 
 # -- item 5: chat templates are bounded -------------------------------------------------------------------------

@@ -106,6 +106,14 @@ def runtime_family_for(manifest: Manifest, folder: Path) -> RuntimeFamily:
     return factory(manifest, folder)
 
 
+def require_positive(section: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Manifest values a family reads on every request, checked once at load (a `ManifestError` naming the key)."""
+    for key in keys:
+        value = section.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ManifestError(f"manifest {where}.{key} must be a positive number, got {value!r}; re-export the model")
+
+
 def expand_in_order(text: str, placeholder: dict[str, str], items: list[MediaItem], counts: list[int]) -> str:
     """Replace the k-th placeholder occurrence (of any kind) with the k-th item's token run, checking counts."""
     runs = [placeholder[item.kind] * count for item, count in zip(items, counts, strict=True)]

@@ -18,6 +18,7 @@ from vlm_export.runtime.families import (
     VisualBatch,
     expand_in_order,
     register_runtime_family,
+    require_positive,
 )
 from vlm_export.runtime.families.qwen2_vl.preprocess import (
     Qwen2VLImageConfig,
@@ -61,9 +62,13 @@ def qwen2_5_vl_vision_feeds(
 
 @register_runtime_family("qwen2_5_vl")
 class Qwen2_5_VLRuntime:
+    #: manifest.vision entries read on every request
+    VISION_KEYS: tuple[str, ...] = ("spatial_merge_size", "window_size", "patch_size", "tokens_per_second")
+
     def __init__(self, manifest: Manifest, folder: Path):
         self.manifest = manifest
         self.vision = manifest.vision
+        require_positive(self.vision, self.VISION_KEYS, "vision")
         self.tokens = manifest.tokens
         self.image_config = Qwen2VLImageConfig.from_dict(manifest.preprocessing)
         video = manifest.preprocessing.get("video")

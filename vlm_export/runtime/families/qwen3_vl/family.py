@@ -42,6 +42,8 @@ def qwen3_vl_vision_feeds(grid_thw: np.ndarray, *, merge_size: int, num_grid_per
 @register_runtime_family("qwen3_vl")
 @register_runtime_family("qwen3_vl_moe")
 class Qwen3VLRuntime(Qwen2_5_VLRuntime):
+    VISION_KEYS = ("spatial_merge_size", "num_grid_per_side", "num_deepstack_layers")
+
     def vision_feeds(self, grid_thw: np.ndarray) -> dict[str, np.ndarray]:
         return qwen3_vl_vision_feeds(
             grid_thw,
