@@ -337,3 +337,18 @@ def test_file_path_of_optional_and_required_files(tmp_path):
     (tmp_path / "tokenizer.json").mkdir()  # a folder where a file should be
     with pytest.raises(ManifestError, match="not a regular file"):
         manifest.file_path(tmp_path, "tokenizer", required=False)
+
+
+def test_every_field_is_checked_and_unknown_ones_survive_a_save(tmp_path):
+    """A field added to Manifest must be added to the checks too (or the loader would drop it), and fields from a
+    newer exporter are written back by a save (build-engines rewrites the manifest)."""
+    from dataclasses import fields
+
+    from vlm_export import manifest as module
+
+    assert set(module._FIELD_TYPES) == {f.name for f in fields(Manifest)}
+    data = _valid(tmp_path)
+    data["signature"] = {"sha256": "0" * 64}
+    _write(tmp_path, data)
+    Manifest.load(tmp_path).save(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["signature"] == {"sha256": "0" * 64}

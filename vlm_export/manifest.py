@@ -85,7 +85,8 @@ class Manifest:
     graph_forms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        # top-level fields this version does not know (a newer exporter's) are written back as they were read
+        return json.dumps({**getattr(self, "_unknown", {}), **asdict(self)}, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -137,7 +138,9 @@ class Manifest:
         _check_section(
             values["tokens"], [k for k in values["tokens"] if k.endswith("_id")], source, "tokens", _token_id
         )
-        return cls(**values)
+        manifest = cls(**values)
+        manifest._unknown = {key: data[key] for key in data if key not in _FIELD_TYPES}  # not a field: kept apart
+        return manifest
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
