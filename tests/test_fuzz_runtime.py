@@ -3,8 +3,8 @@ structure, sampling setting, manifest or chat template, the runtime gives a resu
 `ManifestError`, never anything else, within bounded time and memory.
 
 CI runs a fixed, derandomized set of examples per property (the file stays well under a minute once the session's
-tiny export exists); each property has a `slow` twin that draws many more, fresh examples:
-`pytest -m slow tests/test_fuzz_runtime.py`.
+tiny export exists); each property has a `slow` twin that draws 20x more fresh examples and runs only when asked
+for: `pytest -m slow tests/test_fuzz_runtime.py` (about 25 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ DEADLINE_MS = 20_000
 MAX_RSS_GROWTH = 1536 << 20  # bytes the process's peak RSS may grow during one example
 
 
+def deep(test: Callable) -> Callable:
+    """The `slow` twin of a property: collected always, run only when asked for with `-m slow` (CI runs the
+    bounded twins; other `slow` tests of the suite do run in CI, these would take half an hour)."""
+    asked = "'slow' in (config.getoption('markexpr') or '')"
+    return pytest.mark.slow(pytest.mark.skipif(f"not ({asked})", reason="deep fuzzing: run with -m slow")(test))
+
+
 def fuzz(strategy: st.SearchStrategy, examples: int) -> Callable:
     """Two tests from one property: a derandomized CI one with `examples` draws and a `slow` one with 20x more."""
 
@@ -44,7 +51,7 @@ def fuzz(strategy: st.SearchStrategy, examples: int) -> Callable:
             "database": None,
         }
         ci = settings(max_examples=examples, derandomize=True, **common)(given(strategy)(check))
-        slow = pytest.mark.slow(settings(max_examples=examples * 20, **common)(given(strategy)(check)))
+        slow = deep(settings(max_examples=examples * 20, **common)(given(strategy)(check)))
         return ci, slow
 
     return decorate
@@ -249,7 +256,7 @@ def test_video_containers(qwen2_5_vl_pipe, video_seeds):
     ci()
 
 
-@pytest.mark.slow
+@deep
 def test_video_containers_slow(qwen2_5_vl_pipe, video_seeds):
     seeds = [data for _, data in video_seeds]
     strategy = st.tuples(st.integers(0, 2), mutations(seeds), video_options)
@@ -269,7 +276,7 @@ def test_message_structures(qwen2_5_vl_pipe):
     fuzz(conversations, 150)(_message_property(qwen2_5_vl_pipe))[0]()
 
 
-@pytest.mark.slow
+@deep
 def test_message_structures_slow(qwen2_5_vl_pipe):
     fuzz(conversations, 150)(_message_property(qwen2_5_vl_pipe))[1]()
 
@@ -297,7 +304,7 @@ def test_sampling_settings(qwen2_5_vl_pipe):
     fuzz(sampling_settings, 150)(_settings_property(qwen2_5_vl_pipe))[0]()
 
 
-@pytest.mark.slow
+@deep
 def test_sampling_settings_slow(qwen2_5_vl_pipe):
     fuzz(sampling_settings, 150)(_settings_property(qwen2_5_vl_pipe))[1]()
 
@@ -381,7 +388,7 @@ def test_manifest_fields_through_the_pipeline(manifest_folder):
     fuzz(_light_mutations(base), 25)(_pipeline_property(manifest_folder, base))[0]()
 
 
-@pytest.mark.slow
+@deep
 def test_manifest_fields_through_the_pipeline_slow(manifest_folder):
     base = json.loads((manifest_folder / "manifest.json").read_text())
     fuzz(_light_mutations(base), 25)(_pipeline_property(manifest_folder, base))[1]()

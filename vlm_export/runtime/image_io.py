@@ -179,9 +179,9 @@ _WARNINGS_LOCK = threading.Lock()  # catch_warnings swaps process-wide state: on
 
 
 def _open_quietly(fp: str | io.BytesIO, name: str) -> PIL.Image.Image:
-    """``PIL.Image.open`` (headers only), with Pillow's DecompressionBombWarning for images between its warning
-    and error thresholds turned into one logged line instead of a raw two-line warning; other warnings raised
-    meanwhile are shown as they would have been."""
+    """``PIL.Image.open`` (headers only), with Pillow's warnings (a DecompressionBombWarning for images between its
+    warning and error thresholds, damaged-header notes) turned into one logged line each instead of raw two-line
+    warnings; other warnings raised meanwhile are shown as they would have been."""
     with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PIL.Image.DecompressionBombWarning)
         opened = PIL.Image.open(fp)
@@ -196,7 +196,9 @@ def _open_quietly(fp: str | io.BytesIO, name: str) -> PIL.Image.Image:
                 f"{PIL.Image.MAX_IMAGE_PIXELS:,}",
                 pixels * 4 / 1e9,
             )
-        else:
+        elif f"{os.sep}PIL{os.sep}" in warning.filename:  # Pillow on a damaged file, e.g. a TIFF tag past the end
+            logger.warning("image %s: %s", name, " ".join(str(warning.message).split()))
+        else:  # another thread's warning caught meanwhile
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     return opened
 
