@@ -37,14 +37,14 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def _copy(export: Path, tmp_path: Path) -> Path:
-    """A copy of a session export whose big files are hard links (fast); change files only through `_replace`."""
+    """A full copy of a session export (hard links would make onnx refuse the original's external data: it takes
+    a data file with several links for a hard-link attack)."""
     target = tmp_path / "export"
-    shutil.copytree(export, target, copy_function=os.link)
+    shutil.copytree(export, target)
     return target
 
 
 def _replace(path: Path, content: str | bytes) -> None:
-    """Write without touching the hard-linked original."""
     path.unlink(missing_ok=True)
     if isinstance(content, bytes):
         path.write_bytes(content)
