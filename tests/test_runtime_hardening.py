@@ -18,7 +18,6 @@ import PIL.Image
 import pytest
 
 from vlm_export.errors import InputError, ManifestError
-from vlm_export.manifest import Manifest
 
 
 def _vlm_run(*args: str | bytes, **kwargs) -> subprocess.CompletedProcess:
@@ -334,30 +333,26 @@ def test_scales_that_overflow_float32_logits_are_refused(name):
 
 
 def test_trt_engine_paths_stay_inside_the_folder(exported_qwen2_5_vl, tmp_path):
-    """The TensorRT backend reads engines the manifest names; TensorRT itself cannot run here, so the backend is
-    built without it and must refuse before deserializing anything (real engines: tests/test_gpu.py)."""
-    from types import SimpleNamespace
-
-    from vlm_export.runtime.backends.trt import TrtBackend
+    """The trt backend reads the engines the manifest names: on the CPU stand-in for TensorRT, an engine path
+    leading out of the folder is refused before anything is read (real engines: tests/test_gpu.py)."""
+    from vlm_export.exporter.engines import build_engines
+    from vlm_export.runtime import VLMPipeline
+    from vlm_export.testing.fake_tensorrt import fake_tensorrt
 
     folder = _copy(exported_qwen2_5_vl, tmp_path)
-    (tmp_path / "secret.engine").write_bytes(b"not yours")
-    meta = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "graphs": {"decoder": {"engine": ""}}}
-    backend = TrtBackend.__new__(TrtBackend)
-
-    def refuse(data):
-        raise AssertionError("an engine outside the folder was read")
-
-    backend.trt = SimpleNamespace(__version__="10.3.0")
-    backend.runtime = SimpleNamespace(deserialize_cuda_engine=refuse)
-    backend.compute_capability = "8.7"
-    for engine in ("../secret.engine", str(tmp_path / "secret.engine")):
-        meta["graphs"]["decoder"]["engine"] = engine
-        _edit_manifest(folder, lambda d: d["engines"].update(tensorrt=meta))
-        backend.folder, backend._meta = None, None
-        manifest = Manifest.load(folder)
-        with pytest.raises(ManifestError, match="TensorRT engine"):
-            backend.load(manifest.graph_path(folder, "decoder"), manifest.graphs["decoder"])
+    with fake_tensorrt():
+        build_engines(folder, progress=False, max_batch=1, max_seq_len=32, max_images=1)
+        shutil.copy(folder / "decoder.engine", tmp_path / "outside.engine")
+        for engine in ("../outside.engine", str(tmp_path / "outside.engine")):
+            _edit_manifest(folder, lambda d, e=engine: d["engines"]["tensorrt"]["graphs"]["decoder"].update(engine=e))
+            with pytest.raises(ManifestError, match="TensorRT engine"):
+                VLMPipeline.from_pretrained(folder, backend="trt")
+        _edit_manifest(folder, lambda d: d["engines"]["tensorrt"]["graphs"]["decoder"].update(engine="decoder.engine"))
+        assert (
+            VLMPipeline.from_pretrained(folder, backend="trt")
+            .generate([{"role": "user", "content": "hi"}], max_new_tokens=2)
+            .token_ids
+        )
 
 
 def test_build_engines_reads_no_graph_outside_the_folder(exported_qwen2_5_vl, tmp_path):
