@@ -352,3 +352,17 @@ def test_every_field_is_checked_and_unknown_ones_survive_a_save(tmp_path):
     _write(tmp_path, data)
     Manifest.load(tmp_path).save(tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text())["signature"] == {"sha256": "0" * 64}
+
+
+def test_graph_forms_files_stay_inside_the_folder(tmp_path):
+    """Other forms of a graph (e.g. the decoder for an older onnxruntime) are files the runtime may load too."""
+    export, outside = tmp_path / "export", tmp_path / "outside.onnx"
+    export.mkdir()
+    outside.write_bytes(b"")
+    data = _valid(export)
+    (export / "old.onnx").symlink_to(outside)
+    for file in ("old.onnx", str(outside), "../outside.onnx"):
+        data["graph_forms"] = {"decoder": [{"file": "x.onnx"}, {"file": file, "min_onnxruntime": "1.23"}]}
+        _write(export, data)
+        with pytest.raises(ManifestError, match="graph_forms file of decoder"):
+            Manifest.load(export)
