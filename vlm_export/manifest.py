@@ -77,6 +77,9 @@ class Manifest:
     # in_place_cache}, same IO as `graphs[name]` (e.g. the decoder at opset 23 for onnxruntime < 1.25). Absent:
     # only `graphs[name].file`. Picked by vlm_export/runtime/graph_forms.py.
     graph_forms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Golden cases (`vlm_export.verification.golden`): the files holding inputs the exporter made and transformers'
+    # outputs on them (relative to the export folder), and the versions that made them; empty = none.
+    golden: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
