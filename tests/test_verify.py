@@ -171,6 +171,25 @@ def test_a_logit_that_jumps_outside_the_kept_top_k_is_caught(exported_qwen2_5_vl
     assert f"token {row}" in out
 
 
+def test_vlm_run_verify_on_tensorrt_engines(exported_qwen2_5_vl, tmp_path, capsys):
+    """The trt backend (on the CPU stand-in for TensorRT that runs the engines' ONNX graphs within their profiles):
+    float32 engines are held to agreement, as TensorRT may use TF32; a padded batch and two images in one request."""
+    from vlm_export.exporter.engines import build_engines
+    from vlm_export.testing.fake_tensorrt import fake_tensorrt
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_qwen2_5_vl, folder)
+    with fake_tensorrt():
+        build_engines(folder, progress=False, max_batch=2, max_seq_len=160, max_images=2)
+        code, out, err = _run_verify(
+            [str(folder), "--backend", "trt", "--case", "two_images", "--case", "batch_padded"], capsys
+        )
+    assert code == 0, out + err
+    assert "limits: tensorrt-fp32: teacher-forced top-1 >= 0.9" in out
+    assert out.count("agreement       PASS   teacher-forced top-1 1.000") == 2
+    assert json.loads((folder / "verification" / "golden-trt.json").read_text())["backend"] == "trt"
+
+
 def test_export_without_golden_cases_says_how_to_add_them(exported_qwen2_5_vl, tmp_path, capsys):
     copy = _linked_copy(exported_qwen2_5_vl, tmp_path / "old")
     manifest = _own(copy / "manifest.json")

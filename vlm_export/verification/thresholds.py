@@ -50,9 +50,9 @@ class Thresholds:
 EXACT = Thresholds("float32", exact=True)
 PROFILES = {
     "float32": EXACT,
-    # CUDA kernels (ONNX Runtime's CUDA EP may run float32 MatMuls in TF32) round differently from PyTorch's CPU
-    # ones: still transformers' greedy tokens, at a looser logit bound.
-    "float32-cuda": Thresholds("float32-cuda", exact=True, vision=2e-2, logits=2e-2),
+    # CUDA kernels (float32, TF32 off: runtime/backends/ort.py) round differently from PyTorch's CPU ones: still
+    # transformers' greedy tokens, at a looser bound on the differences.
+    "float32-cuda": Thresholds("float32-cuda", exact=True, vision=1e-2, logits=1e-2),
     # TensorRT float32 engines may use TF32 tensor cores and their own kernels: close, not bit-exact.
     "tensorrt-fp32": Thresholds("tensorrt-fp32", False, vision=0.01, logits=0.05, min_top1=0.9, min_top5=0.98),
     "float16": Thresholds("float16", False, vision=0.02, text_embeddings=1e-3, logits=0.1, min_top1=0.9, min_top5=0.98),

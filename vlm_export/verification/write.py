@@ -73,9 +73,11 @@ def write_golden(export_dir: Path, model_dir: Path, manifest: Manifest, weights:
         specs = golden_specs(manifest, video)
         media = write_media(folder, video=any(spec.name == "video" for spec in specs))
         references = []
-        for spec in specs:
-            logger.info("golden case %s: %s", spec.name, spec.description)
+        for index, spec in enumerate(specs, 1):
+            start = time.perf_counter()
             references.append(reference.run(with_media_paths(spec.conversations, folder), NEW_TOKENS))
+            seconds = time.perf_counter() - start
+            logger.info("golden case %d of %d, %s: %.1f s", index, len(specs), spec.name, seconds)
         made_by = reference.describe()
     finally:
         reference.close()
