@@ -22,7 +22,6 @@ from vlm_export.verification.golden import Conversation
 class Observation:
     prompt_ids: list[list[int]]
     pixels: np.ndarray | None  # the vision graph's pixel input (None without media)
-    media_kinds: set[str]
     positions: np.ndarray
     attention_mask: np.ndarray  # [B, L] of the left-padded prompts
     vision: np.ndarray | None  # merged embeddings at placeholder positions, prompt order
@@ -75,7 +74,6 @@ class RuntimeObserver:
         return Observation(
             prompt_ids=prompts,
             pixels=None if visual.empty else np.asarray(visual.feeds[pixel_name]),
-            media_kinds=set(visual.kinds),
             positions=np.asarray(positions),
             attention_mask=mask,
             vision=placed if placeholder.any() else None,
