@@ -2,8 +2,9 @@
 
 The pipeline's own steps run: `prepare` (template, preprocessing, placeholders, tokenization), the family's
 prefill positions, the vision graph with the family's host-side post-processing, the embedding merge, and
-`Generator.steps` for greedy decoding. Teacher-forced logits (transformers' tokens fed in) come from the same
-decoding code the generation loop uses (`exporter.agreement.forced_logits`).
+`Generator.steps` for greedy decoding. Teacher-forced logits (transformers' tokens fed in) come from the decoding
+state the generation loop itself uses (`runtime.generation.forced_logits`, shared with `exporter.agreement`), so
+`vlm-run verify` imports nothing from the exporter.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.exporter.agreement import forced_logits
-from vlm_export.runtime.generation import GenerationOutput, StepEvent, left_pad
+from vlm_export.runtime.generation import GenerationOutput, StepEvent, forced_logits, left_pad
 from vlm_export.verification.golden import Conversation
 
 
