@@ -39,3 +39,16 @@ def test_decoder_forms_give_reference_tokens(field_cases, export, form, monkeypa
     assert pipe.generator.in_place_cache is chosen.in_place_cache
     for case, data in entry["cases"].items():
         assert run_case(pipe, field_cases, data["conversations"]) == data["token_ids"], f"{case}: tokens differ"
+
+
+@pytest.mark.parametrize("export", EXPORTS[:4])
+def test_vlm_run_verify_passes_on_the_installed_onnxruntime(field_cases, export, capsys):
+    """`vlm-run verify` against the golden cases each export carries (float32: transformers' exact tokens), here
+    and in the runtime-only venv on onnxruntime 1.23.2 (the opset-23 decoder form)."""
+    from vlm_export.runtime.cli import main
+
+    folder = field_cases / read_cases(field_cases)[export]["export"]
+    code = main(["verify", str(folder), "--no-write"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[-1].startswith("PASSED: 5 cases")

@@ -16,6 +16,14 @@ MODULES = [
     "vlm_export.runtime.families.llava_onevision.family",
     "vlm_export.runtime.backends.ort",
     "vlm_export.manifest",
+    # `vlm-run verify` and what it runs (golden files, comparison, report)
+    "vlm_export.verification.run_cli",
+    "vlm_export.verification.golden",
+    "vlm_export.verification.cases",
+    "vlm_export.verification.observe",
+    "vlm_export.verification.compare",
+    "vlm_export.verification.report",
+    "vlm_export.verification.thresholds",
 ]
 
 

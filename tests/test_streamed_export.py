@@ -192,7 +192,9 @@ def test_reduced_verification_and_quantizing_while_writing(tiny_four_layer_dir, 
     from vlm_export.runtime import VLMPipeline
 
     config = QuantizeConfig(scheme="int4", graphs=("decoder", "embedding", "vision_encoder"))
-    result = export_model(str(tiny_four_layer_dir), tmp_path / "out", verify="reduced", quantize=config, progress=False)
+    result = export_model(
+        str(tiny_four_layer_dir), tmp_path / "out", verify="reduced", quantize=config, progress=False, golden=False
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     verification = manifest["verification"]
     assert verification["depth"] == "reduced"

@@ -23,6 +23,8 @@ import importlib, pkgutil, sys
 import vlm_export.runtime
 for module in pkgutil.walk_packages(vlm_export.runtime.__path__, "vlm_export.runtime."):
     importlib.import_module(module.name)
+for name in ("run_cli", "report", "cases"):  # `vlm-run verify` (imported when the subcommand runs)
+    importlib.import_module(f"vlm_export.verification.{name}")
 for name, module in sorted(sys.modules.items()):
     if name.split(".")[0] == "vlm_export" and getattr(module, "__file__", None):
         print(module.__file__)

@@ -83,6 +83,9 @@ class Manifest:
     # in_place_cache}, same IO as `graphs[name]` (e.g. the decoder at opset 23 for onnxruntime < 1.25). Absent:
     # only `graphs[name].file`. Picked by vlm_export/runtime/graph_forms.py.
     graph_forms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Golden cases (`vlm_export.verification.golden`): the files holding inputs the exporter made and transformers'
+    # outputs on them (relative to the export folder), and the versions that made them; empty = none.
+    golden: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         # top-level fields this version does not know (a newer exporter's) are written back as they were read
@@ -230,6 +233,7 @@ _FIELD_TYPES: dict[str, type] = {
     "quantization": dict,
     "verification": dict,
     "graph_forms": dict,
+    "golden": dict,
 }
 _TYPE_NAMES = {str: "a string", dict: "an object", int: "an integer", list: "a list"}
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.runtime.families import VisualBatch
-from vlm_export.runtime.generation import CachedDecoding, Generator, StepEvent, left_pad
+from vlm_export.runtime.generation import StepEvent, forced_logits
 
 
 @dataclass
@@ -30,27 +30,6 @@ class Agreement:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def forced_logits(
-    generator: Generator, prompts: list[list[int]], visual: VisualBatch, forced: np.ndarray
-) -> np.ndarray:
-    """Last-position logits [B, T, V] at each of T steps when the tokens ``forced`` [B, T] are fed in.
-
-    The same prefill / decode feeds as `Generator.steps` (family hooks for positions and extra decoder inputs),
-    with the token choice replaced by ``forced``: logits[:, t] predict forced[:, t].
-    """
-    steps = forced.shape[1]
-    input_ids, attention_mask = left_pad(prompts, pad_id=0)
-    vision_outputs = generator._vision(input_ids, visual)
-    decoding = CachedDecoding(generator, input_ids, attention_mask, visual, vision_outputs, steps)
-    collected = []
-    for step in range(steps):
-        collected.append(decoding.logits())
-        if step == steps - 1:
-            break
-        decoding.advance(forced[:, step])
-    return np.stack(collected, axis=1)
 
 
 def greedy_reference(

@@ -42,6 +42,7 @@ from vlm_export.exporter.weightless import build_weightless, parameter_count
 from vlm_export.graphs.decoder import DECODER_OPSET
 from vlm_export.graphs.registry import graph_family_for
 from vlm_export.manifest import Limits, Manifest
+from vlm_export.verification.write import write_golden
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def export_model(
     quantize: QuantizeConfig | None = None,
     verify: str = "auto",
     reference: str = "auto",
+    golden: bool = True,
 ) -> ExportResult:
     """Export `model` (folder or hub id) into `output`; returns the manifest written there.
 
@@ -161,7 +163,8 @@ def export_model(
     beside them, else on a depth-reduced copy (`verify`). With `quantize`, weight-only quantization happens while
     the weights are written when the float graphs are not verified in full, else after verification (so the
     quantized export's agreement with the verified float32 one can be measured). `reference` ("auto", "loaded",
-    "on_demand") says how transformers' side of a full-depth verification holds the weights.
+    "on_demand") says how transformers' side of a full-depth verification holds the weights. With `golden`, golden
+    cases (transformers' outputs on inputs the exporter makes) are stored in the export for `vlm-run verify`.
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
@@ -294,6 +297,9 @@ def export_model(
                 graphs[name].max_abs_diff = record["max_abs_diff"]
         if range_check is not None:
             manifest.verification["float16_range"] = range_check
+        if golden:
+            steps.set_postfix_str("golden cases (transformers, full depth)")
+            manifest.golden = write_golden(staging, model_dir, manifest)
         log_memory("verification")
         steps.update()
         raise_if_interrupted()

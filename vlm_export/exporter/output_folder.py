@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.errors import ExportError
+from vlm_export.verification.golden import REPORT_FILES
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 #: Files an export writes besides those its manifest names: the model's configs, copied verbatim (assets.py),
-#: TensorRT's timing cache (engines.py) and the graphs' external weights (`<graph>.onnx.data`).
+#: TensorRT's timing cache (engines.py) and the graphs' external weights (`<graph>.onnx.data`); the verify
+#: commands' reports (`REPORT_FILES`) are an export's too.
 EXPORT_SIDE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -90,7 +92,7 @@ def foreign_files(folder: Path) -> list[str] | None:
         return None
     if not isinstance(manifest, dict) or not {"schema_version", "family", "graphs"} <= manifest.keys():
         return None
-    known = {MANIFEST_NAME, *EXPORT_SIDE_FILES}
+    known = {MANIFEST_NAME, *EXPORT_SIDE_FILES, *REPORT_FILES}
     for text in _manifest_paths(manifest):
         known.update({text, f"{text}.data"})
     foreign = []

@@ -72,6 +72,7 @@ def verify_reduced(
             progress=False,
             moe_form=options.get("moe_form"),
             allow_untested_transformers=True,
+            golden=False,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -21,6 +21,7 @@ examples:
   vlm-run out/qwen3vl --image a.png --video clip.mp4 --num-frames 8 --prompt "Is the picture in the video?"
   vlm-run out/qwen25vl --prompt "Hello" --json
   vlm-run out/qwen25vl --image page.png --prompt-file question.txt
+  vlm-run verify out/qwen25vl --backend ort-cpu     # check the export against its golden cases (see --help there)
 
 Images come before videos in the message, then the prompt. Without --fps/--num-frames videos are sampled as the
 model's video processor does by default (Qwen2.5-VL: every frame; Qwen3-VL: 2 fps).
@@ -116,6 +117,11 @@ def _messages(args: argparse.Namespace, prompt: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:  # subcommand; an export folder named "verify" runs as ./verify
+        from vlm_export.verification.run_cli import main as verify_main
+
+        return verify_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.fps is not None or args.num_frames is not None) and not args.video:

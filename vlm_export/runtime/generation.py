@@ -218,6 +218,27 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return input_ids, attention_mask
 
 
+def forced_logits(
+    generator: Generator, prompts: list[list[int]], visual: VisualBatch, forced: np.ndarray
+) -> np.ndarray:
+    """Last-position logits [B, T, V] at each of T steps when the tokens ``forced`` [B, T] are fed in.
+
+    The same prefill / decode feeds as `Generator.steps` (family hooks for positions and extra decoder inputs),
+    with the token choice replaced by ``forced``: logits[:, t] predict forced[:, t]. Teacher forcing for the
+    exporter's agreement check and for `vlm-run verify`.
+    """
+    steps = forced.shape[1]
+    input_ids, attention_mask = left_pad(prompts, pad_id=0)
+    vision_outputs = generator._vision(input_ids, visual)
+    decoding = CachedDecoding(generator, input_ids, attention_mask, visual, vision_outputs, steps)
+    collected = []
+    for step in range(steps):
+        collected.append(decoding.logits())
+        if step < steps - 1:
+            decoding.advance(forced[:, step])
+    return np.stack(collected, axis=1)
+
+
 class CachedDecoding:
     """One request's decoder state: the prefill at construction, then one `advance` per chosen token.
 
