@@ -202,6 +202,26 @@ def test_export_without_golden_cases_says_how_to_add_them(exported_qwen2_5_vl, t
     assert f"vlm-export verify --write-golden {copy}" in err and "re-export" in err
 
 
+def test_golden_cases_are_skipped_with_a_hint_when_transformers_would_run_on_demand(
+    tiny_qwen2_5_vl_dir, tmp_path, monkeypatch, caplog
+):
+    """By default golden cases are written only when transformers' model loads in memory (on demand they cost
+    ~40 minutes at 7B); the export says how to add them. `golden="always"` writes them on demand anyway."""
+    import vlm_export.exporter.export as export_module
+    import vlm_export.verification.reference as reference_module
+    from vlm_export.exporter.export import export_model
+
+    monkeypatch.setattr(export_module, "loads_in_memory", lambda parameters: False)
+    monkeypatch.setattr(reference_module, "loads_in_memory", lambda parameters: False)
+    skipped = export_model(str(tiny_qwen2_5_vl_dir), tmp_path / "skipped", progress=False, verify="reduced")
+    assert not skipped.manifest.golden and not (tmp_path / "skipped" / "golden").exists()
+    assert f"vlm-export verify --write-golden {tmp_path / 'skipped'}" in caplog.text
+    forced = export_model(
+        str(tiny_qwen2_5_vl_dir), tmp_path / "forced", progress=False, verify="reduced", golden="always"
+    )
+    assert forced.manifest.golden["producer"]["weights"].startswith("on demand")
+
+
 def test_approximate_profiles_use_agreement(exported_qwen2_5_vl, tmp_path, capsys):
     """An int8-quantized export is held to teacher-forced agreement, not exact tokens (here its graphs are still the
     float32 ones, so it agrees fully); a damaged decoder fails the agreement."""

@@ -204,7 +204,9 @@ def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
         for name, rounds in waves.items():
             row = {k: median_of(rounds, k) for k in ("tok_s", "ttft_p50", "ttft_p95", "itl_p50", "busy")}
             # tokens per CPU-second of the server: what a wave made of the cores it got (robust to neighbours)
-            row["tok_cpu_s"] = statistics.median(r["tok_s"] / r["busy"] for r in rounds if r["busy"])
+            # (a wave too short for the CPU clock to see has busy 0 and no such figure)
+            per_cpu = [r["tok_s"] / r["busy"] for r in rounds if r["busy"]]
+            row["tok_cpu_s"] = statistics.median(per_cpu) if per_cpu else None
             table[side][name] = row
     ours = raw.get("ours", {})
     target = None
@@ -243,7 +245,9 @@ def print_report(report: dict[str, Any]) -> None:
         pairs = ", ".join(f"{n} clients {r:.2f}x" for n, r in versus.items())
         print(f"throughput ours / llama.cpp (median of the rounds' paired waves): {pairs}")
         per_cpu = ", ".join(
-            f"{n} clients {table['ours'][n]['tok_cpu_s'] / table['llama'][n]['tok_cpu_s']:.2f}x" for n in versus
+            f"{n} clients {table['ours'][n]['tok_cpu_s'] / table['llama'][n]['tok_cpu_s']:.2f}x"
+            for n in versus
+            if table["ours"][n]["tok_cpu_s"] and table["llama"][n]["tok_cpu_s"]
         )
         print(f"tokens per CPU-second ours / llama.cpp: {per_cpu}")
     target = report["summary"]["target"]

@@ -8,7 +8,9 @@ wall time), for models too large to hold twice: the real-size check of issue 16.
 The two sides run one after the other, never together: transformers (the checkpoint in float32 or bfloat16) and
 our runtime (`VLMPipeline` on ONNX Runtime CPU), on the same conversation: a seeded 448x448 image and a prompt.
 Prints each side's tokens, prompt length, time to first token, decode tokens/s and peak RSS, whether the tokens
-are identical, and (with --json) all of it as JSON. `--sides ours` skips transformers (a quantized export has no
+are identical and how far each step's raw logits are apart (max abs difference, and relative to the spread of
+transformers' logits: random weights often repeat one token, so the logits are the stronger check), and (with
+--json) all of it as JSON. `--sides ours` skips transformers (a quantized export has no
 exact reference; a 7B float32 transformers does not fit 24 GB).
 """
 
@@ -19,6 +21,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,8 @@ def conversation(size: int) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
 
 
-def run_transformers(model_dir: str, tokens: int, dtype: str, size: int) -> dict[str, Any]:
+def run_transformers(model_dir: str, tokens: int, dtype: str, size: int, logits_file: str) -> dict[str, Any]:
+    import numpy as np
     import torch
     from PIL import Image
     from transformers import AutoConfig
@@ -70,10 +74,13 @@ def run_transformers(model_dir: str, tokens: int, dtype: str, size: int) -> dict
         first = model.generate(**inputs, max_new_tokens=1, do_sample=False)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+        out = model.generate(
+            **inputs, max_new_tokens=tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     total = time.perf_counter() - start
     prompt = int(inputs["input_ids"].shape[1])
-    ids = out[0, prompt:].tolist()
+    ids = out.sequences[0, prompt:].tolist()
+    np.save(logits_file, torch.stack(out.logits, dim=1)[0].float().numpy())
     assert first[0, prompt:].tolist() == ids[:1]
     return {
         "side": f"transformers {dtype}",
@@ -85,31 +92,47 @@ def run_transformers(model_dir: str, tokens: int, dtype: str, size: int) -> dict
     }
 
 
-def run_ours(export_dir: str, tokens: int, size: int) -> dict[str, Any]:
+def run_ours(export_dir: str, tokens: int, size: int, logits_file: str) -> dict[str, Any]:
+    import numpy as np
+
     from vlm_export.runtime import VLMPipeline
+    from vlm_export.runtime.generation import GenerationOutput, StepEvent
 
     start = time.perf_counter()
     pipe = VLMPipeline.from_pretrained(export_dir, backend="ort-cpu")
     load_s = time.perf_counter() - start
-    result = pipe.generate(conversation(size), max_new_tokens=tokens, do_sample=False)
-    timings = result.timings
+    # What pipe.generate runs, keeping each step's raw logits.
+    prompts, visual = pipe.prepare([conversation(size)])
+    logits, output = [], None
+    for event in pipe.generator.steps(prompts, visual, pipe.settings(max_new_tokens=tokens, do_sample=False)):
+        if isinstance(event, StepEvent):
+            logits.append(event.logits[0])
+        elif isinstance(event, GenerationOutput):
+            output = event
+    assert output is not None
+    np.save(logits_file, np.stack(logits))
+    token_ids = output.token_ids[0]
+    timings = output.timings
     decode = timings.get("decode_s", 0.0)
     quantization = pipe.manifest.quantization
     scheme = quantization["scheme"] if quantization else pipe.manifest.dtype
     return {
         "side": f"vlm-export ({scheme})",
-        "prompt_tokens": result.prompt_tokens,
-        "token_ids": result.token_ids,
-        "text": result.text,
+        "prompt_tokens": output.prompt_tokens[0],
+        "token_ids": token_ids,
+        "text": pipe.tokenizer.decode(token_ids),
         "load_s": load_s + timings.get("load_s", 0.0),
         "ttft_s": timings.get("ttft_s"),
-        "decode_tok_s": (len(result.token_ids) - 1) / decode if decode else None,
+        "decode_tok_s": (len(token_ids) - 1) / decode if decode else None,
     }
 
 
 def child(argv: list[str]) -> int:
-    side, path, tokens, dtype, size = argv[0], argv[1], int(argv[2]), argv[3], int(argv[4])
-    result = run_transformers(path, tokens, dtype, size) if side == "transformers" else run_ours(path, tokens, size)
+    side, path, tokens, dtype, size, logits_file = argv[0], argv[1], int(argv[2]), argv[3], int(argv[4]), argv[5]
+    if side == "transformers":
+        result = run_transformers(path, tokens, dtype, size, logits_file)
+    else:
+        result = run_ours(path, tokens, size, logits_file)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps(result))
     return 0
@@ -127,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = []
     sides = ["transformers", "ours"] if args.sides == "both" else [args.sides]
+    scratch = Path(tempfile.mkdtemp(prefix="check_real_size-"))
     for side in sides:
         path = args.model if side == "transformers" else args.export
         command = [sys.executable, __file__, "--child", side, path, str(args.tokens), args.transformers_dtype]
-        command.append(str(args.image_size))
+        command += [str(args.image_size), str(scratch / f"{side}.npy")]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -149,9 +173,37 @@ def main(argv: list[str] | None = None) -> int:
         same = results[0]["token_ids"] == results[1]["token_ids"]
         same_prompt = results[0]["prompt_tokens"] == results[1]["prompt_tokens"]
         print(f"prompt lengths equal: {same_prompt}; greedy tokens identical: {same}")
+        results.append({"logits": compare_logits(scratch / "transformers.npy", scratch / "ours.npy")})
+        print(
+            "logits over {steps} steps: max abs diff {max_abs_diff:.3g}, relative to transformers' spread "
+            "{relative_max_diff:.3g}; top-5 of the first step equal: {first_top5_equal}".format(**results[-1]["logits"])
+        )
+    for file in scratch.iterdir():
+        file.unlink()
+    scratch.rmdir()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if len(results) < 2 or results[0]["token_ids"] == results[1]["token_ids"] else 2
+
+
+def compare_logits(reference_file: Path, candidate_file: Path) -> dict[str, Any]:
+    """Each step's raw logits of both sides over the steps both made (identical tokens: the same contexts)."""
+    import numpy as np
+
+    reference, candidate = np.load(reference_file), np.load(candidate_file)
+    steps = min(len(reference), len(candidate))
+    reference, candidate = reference[:steps].astype(np.float64), candidate[:steps].astype(np.float64)
+    spread = float(np.std(reference))
+    difference = float(np.abs(reference - candidate).max())
+    top5 = [np.argsort(-side[0], kind="stable")[:5].tolist() for side in (reference, candidate)]
+    return {
+        "steps": steps,
+        "max_abs_diff": difference,
+        "relative_max_diff": difference / spread if spread else float("inf"),
+        "reference_std": spread,
+        "first_top5_equal": top5[0] == top5[1],
+        "first_top5": top5[0],
+    }
 
 
 if __name__ == "__main__":

@@ -130,14 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
         "model's own weights on a copy that keeps a few layers (what fits a 7B model on a 24 GB machine); auto = "
         "full when it fits. The manifest records what was verified",
     )
-    parser.add_argument(
+    golden = parser.add_mutually_exclusive_group()
+    golden.add_argument(
+        "--golden",
+        action="store_true",
+        help="store golden cases even when transformers' float32 model does not fit in memory: it then runs one "
+        "module's weights at a time, reading every weight again for each generated token (7B on a 2-core 24 GB "
+        "machine: ~30 s per token, ~40 minutes for the five cases)",
+    )
+    golden.add_argument(
         "--no-golden",
         action="store_true",
-        help="do not store golden cases (transformers' outputs on inputs the exporter makes, a few hundred KB) in the "
-        "export; `vlm-run verify DIR` checks an export against them on any backend, `vlm-export verify "
-        "--write-golden DIR` adds them later. transformers runs each case in float32 at full depth; a model that "
-        "does not fit in memory runs one module's weights at a time (7B on a 2-core 24 GB machine: ~30 s per "
-        "token, ~40 minutes for the five cases)",
+        help="do not store golden cases. By default the export carries them (transformers' float32 outputs on inputs "
+        "the exporter makes, a few hundred KB; `vlm-run verify DIR` checks the export against them on any backend) "
+        "when transformers' model fits in memory, and says how to add them later (`vlm-export verify "
+        "--write-golden DIR`) when it does not",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --output if it is an earlier export (and holds nothing else)"
@@ -255,7 +262,7 @@ def _run(argv: list[str]) -> int:
             moe_form=args.moe_form,
             quantize=_quantize_config(args),
             verify=args.verify,
-            golden=not args.no_golden,
+            golden="always" if args.golden else "never" if args.no_golden else "auto",
         )
         engines = None
         if args.engine == "trt":

@@ -42,6 +42,7 @@ from vlm_export.exporter.weightless import build_weightless, parameter_count
 from vlm_export.graphs.decoder import DECODER_OPSET
 from vlm_export.graphs.registry import graph_family_for
 from vlm_export.manifest import Limits, Manifest
+from vlm_export.verification.reference import loads_in_memory
 from vlm_export.verification.write import write_golden
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def _check_transformers(allow_untested: bool) -> None:
 #: graph code on a depth-reduced copy with the model's own weights (`reduced_verification`); "auto" picks full when
 #: it fits in memory.
 VERIFY_MODES = ("auto", "full", "reduced")
+GOLDEN_MODES = ("auto", "always", "never")
 #: Resident memory of full verification with transformers' model loaded, per byte of float32 parameters: the model
 #: plus the graph being checked (ONNX Runtime pre-packs its matrices) plus activations.
 LOADED_REFERENCE_FACTOR = 2.3
@@ -154,7 +156,7 @@ def export_model(
     quantize: QuantizeConfig | None = None,
     verify: str = "auto",
     reference: str = "auto",
-    golden: bool = True,
+    golden: str | bool = "auto",
 ) -> ExportResult:
     """Export `model` (folder or hub id) into `output`; returns the manifest written there.
 
@@ -163,9 +165,14 @@ def export_model(
     beside them, else on a depth-reduced copy (`verify`). With `quantize`, weight-only quantization happens while
     the weights are written when the float graphs are not verified in full, else after verification (so the
     quantized export's agreement with the verified float32 one can be measured). `reference` ("auto", "loaded",
-    "on_demand") says how transformers' side of a full-depth verification holds the weights. With `golden`, golden
-    cases (transformers' outputs on inputs the exporter makes) are stored in the export for `vlm-run verify`.
+    "on_demand") says how transformers' side of a full-depth verification holds the weights. `golden` ("auto",
+    "always", "never"; True / False mean always / never) stores golden cases (transformers' outputs on inputs the
+    exporter makes) for `vlm-run verify`; "auto" skips them, saying how to add them, when transformers' model does
+    not fit in memory (it would then read every weight again for each generated token: ~40 min at 7B on 2 cores).
     """
+    golden = {True: "always", False: "never"}.get(golden, golden)  # type: ignore[call-overload]
+    if golden not in GOLDEN_MODES:
+        raise ExportError(f"golden={golden!r} is not one of {', '.join(GOLDEN_MODES)}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
     if verify not in VERIFY_MODES:
@@ -297,9 +304,16 @@ def export_model(
                 graphs[name].max_abs_diff = record["max_abs_diff"]
         if range_check is not None:
             manifest.verification["float16_range"] = range_check
-        if golden:
+        if golden == "always" or (golden == "auto" and loads_in_memory(parameters)):
             steps.set_postfix_str("golden cases (transformers, full depth)")
             manifest.golden = write_golden(staging, model_dir, manifest)
+        elif golden == "auto":
+            logger.warning(
+                "golden cases skipped: transformers' float32 model does not fit in the memory available, and run one "
+                "module at a time it would take long at this size; add them later with `vlm-export verify "
+                "--write-golden %s` (or export with --golden)",
+                output,
+            )
         log_memory("verification")
         steps.update()
         raise_if_interrupted()

@@ -31,6 +31,14 @@ LOAD_OVERHEAD = 1.5e9
 WEIGHT_MODES = ("auto", "load", "on-demand")
 
 
+def loads_in_memory(parameters: int) -> bool:
+    """Whether transformers' float32 model of `parameters` parameters can be loaded in the memory available now
+    (else it runs on demand: correct, but every forward reads all weights again)."""
+    from vlm_export.exporter.resources import available_memory
+
+    return LOAD_MEMORY_FACTOR * 4 * parameters + LOAD_OVERHEAD <= available_memory()
+
+
 class TransformersReference:
     """transformers' processor and float32 model for one checkpoint; `run` gives the `Reference` of a case."""
 
@@ -49,10 +57,7 @@ class TransformersReference:
         model, checkpoint = _weightless(family.model_class, self.model_dir, files)
         parameters = sum(p.numel() for p in model.parameters())
         if weights == "auto":
-            from vlm_export.exporter.resources import available_memory
-
-            fits = LOAD_MEMORY_FACTOR * 4 * parameters + LOAD_OVERHEAD <= available_memory()
-            weights = "load" if fits else "on-demand"
+            weights = "load" if loads_in_memory(parameters) else "on-demand"
         if weights == "load":
             model = checkpoint = None
             try:
