@@ -40,7 +40,8 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     except OSError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(
-            f"cannot download {model} ({reason}); check the network or pass a local folder with --model"
+            f"cannot download {model} ({reason}); there is no local folder {model} either: check the path, "
+            "the network, or pass a local folder with --model"
         ) from None
     return _check_folder(Path(local))
 
