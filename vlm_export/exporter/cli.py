@@ -184,6 +184,11 @@ def _summary(result) -> str:
     if verification.get("depth") == "reduced":
         kept = "; ".join(f"{label} {layers}" for label, layers in verification.get("kept", {}).items())
         lines.append(f"  verified on a depth-reduced copy with the model's weights ({kept}): diffs above are its own")
+    if manifest.golden:
+        cases = len(manifest.golden.get("cases", []))
+        lines.append(f"  {cases} golden cases stored: check the export on any backend: vlm-run verify {result.output}")
+    else:
+        lines.append(f"  no golden cases: add them with vlm-export verify --write-golden {result.output}")
     lines.append(f'run it: vlm-run {result.output} --prompt "..." [--image PATH] [--video PATH]')
     return "\n".join(lines)
 
