@@ -176,6 +176,20 @@ def test_text_checkpoint_keeps_dtypes_in_bounded_shards(bench_peers, tiny_qwen2_
     assert bench_peers.gguf_outtype(out, need_f32=True) == "f32"
 
 
+def test_gguf_view_links_the_checkpoint_files_under_the_text_config(bench_peers, tiny_qwen2_5_vl_v5_dir, tmp_path):
+    """llama.cpp's converter reads the VL checkpoint's own files through the view (no second copy of the weights)
+    under the text checkpoint's config; it drops the vision tensors itself (the GGUF equals the one converted from
+    the written text checkpoint: checked by hand, the converter is not installed in CI)."""
+    view = bench_peers.write_gguf_view(tiny_qwen2_5_vl_v5_dir, tmp_path / "view" / "text")
+    files = sorted(p.name for p in tiny_qwen2_5_vl_v5_dir.glob("*.safetensors*"))
+    assert sorted(p.name for p in view.glob("*.safetensors*")) == files
+    for name in files:
+        assert (view / name).is_symlink() and (view / name).resolve() == (tiny_qwen2_5_vl_v5_dir / name).resolve()
+    text = bench_peers.write_text_checkpoint(tiny_qwen2_5_vl_v5_dir, tmp_path / "text")
+    assert json.loads((view / "config.json").read_text()) == json.loads((text / "config.json").read_text())
+    assert (view / "tokenizer.json").read_bytes() == (text / "tokenizer.json").read_bytes()
+
+
 def test_plan_shards(bench_peers):
     assert bench_peers.plan_shards([3, 3, 3, 9, 1, 1], max_bytes=6) == [[0, 1], [2], [3], [4, 5]]
     assert bench_peers.plan_shards([1, 2], max_bytes=10) == [[0, 1]]

@@ -29,7 +29,9 @@ converts that same checkpoint with its own tools:
              with ``pip download --no-binary`` for the installed version unless --llama-cpp-src is given),
              then ``llama_model_quantize`` to q8_0 (int8) and q4_0 (int4) with llama.cpp's defaults; a
              bfloat16 checkpoint without an fp32 row converts ``--outtype bf16`` instead (half the size; the
-             quantized files are the same, bf16 -> f32 being exact)
+             quantized files are the same, bf16 -> f32 being exact). TEXT here is the text checkpoint's
+             config and tokenizer next to links to the VL checkpoint's own files (the converter drops the
+             vision tower itself): the same tensors without a second 15 GB copy at 7B
 
 What cannot run in this machine's memory is skipped with a one-line reason, kept in the report: onnxruntime-genai's
 int4/int8 builder holds the whole float32 graph before quantizing (~45 GB for a 7B), and transformers' reference
@@ -38,8 +40,8 @@ falls back from float32 to the checkpoint's bfloat16 (or is skipped) when float3
     python tools/bench_peers.py q7b --work q7b-peers --peers llamacpp --precisions int4 --ours int4=q7b-int4 \
         --new-tokens 64 --rounds 2 --prune --json peers7b.json
 
-(--prune deletes the 15 GB text checkpoint before quantizing and the 15 GB bf16 GGUF after: ~35 GB of disk
-otherwise.)
+(--prune deletes the 15 GB text checkpoint once the reference has run, before the 15 GB bf16 GGUF is written,
+and the bf16 GGUF once q4_0 is made: ~18 GB of disk at a time instead of ~34 GB.)
 
 With ``--ours fp32=DIR,int4=DIR`` our runtime runs too, on vlm-export folders of the same checkpoint, as rows
 ``ours/fp32`` and ``ours/int4`` fed the same prompt ids and measured by the same code, in the same interleaved
@@ -396,7 +398,6 @@ def write_text_checkpoint(model_dir: Path, out: Path, max_shard_bytes: int = MAX
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    config = json.loads((model_dir / "config.json").read_text())
     entries = [e for e in checkpoint_tensors(model_dir) if e["text_name"] is not None]
     if not entries:
         raise PeerError(f"no text weights in the *.safetensors of {model_dir}")
@@ -421,14 +422,40 @@ def write_text_checkpoint(model_dir: Path, out: Path, max_shard_bytes: int = MAX
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(e["nbytes"] for e in entries)}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    dtypes = {e["dtype"] for e in entries}
+    write_text_files(model_dir, tmp, entries)
+    tmp.rename(out)
+    return out
+
+
+def write_text_files(model_dir: Path, folder: Path, entries: list[dict[str, Any]]) -> None:
+    """The text-only model's config (dtype: the text weights' one dtype, else float32), tokenizer and generation
+    config in ``folder``."""
+    config = json.loads((model_dir / "config.json").read_text())
+    dtypes = {e["dtype"] for e in entries if e["text_name"] is not None}
     dtype = SAFETENSORS_DTYPES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
-    (tmp / "config.json").write_text(json.dumps(text_config(config, dtype), indent=2))
+    (folder / "config.json").write_text(json.dumps(text_config(config, dtype), indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
         if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, tmp / name)
+            shutil.copy(model_dir / name, folder / name)
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def write_gguf_view(model_dir: Path, out: Path) -> Path:
+    """A folder convert_hf_to_gguf.py converts the text model from without a second copy of the weights (15 GB at
+    7B): write_text_checkpoint's config and tokenizer files next to links to model_dir's own safetensors files and
+    index. The converter drops the vision tower itself (``TextModel.filter_tensors`` skips ``visual.`` tensors)
+    and strips ``language_model.``, so it reads exactly the text checkpoint's tensors (checked on a tiny model:
+    the same GGUF tensors, byte for byte)."""
+    entries = checkpoint_tensors(model_dir)
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in [*model_dir.glob("*.safetensors"), *model_dir.glob("*.safetensors.index.json")]:
+        (tmp / path.name).symlink_to(path.resolve())
+    write_text_files(model_dir, tmp, entries)
     tmp.rename(out)
     return out
 
@@ -485,33 +512,33 @@ def llama_cpp_source(work: Path, given: Path | None) -> Path:
     return src
 
 
-def gguf_outtype(text_dir: Path, need_f32: bool) -> str:
+def gguf_outtype(model_dir: Path, need_f32: bool) -> str:
     """``convert_hf_to_gguf.py --outtype`` for the source GGUF: bf16 when every text weight is bfloat16 and no f32
     row needs the f32 file (see llama_source), else f32."""
-    dtypes = {e["dtype"] for e in checkpoint_tensors(text_dir)}
+    dtypes = {e["dtype"] for e in checkpoint_tensors(model_dir) if e["text_name"] is not None}
     return "bf16" if dtypes == {"BF16"} and not need_f32 else "f32"
 
 
-def llama_source(text_dir: Path | Callable[[], Path], work: Path, src: Path, need_f32: bool) -> Path:
-    """The GGUF the quantized files are made from (cached): ``convert_hf_to_gguf.py --outtype f32``, or
-    ``--outtype bf16`` when every text weight is bfloat16 and no f32 row is asked for.
+def llama_source(model_dir: Path, work: Path, src: Path, need_f32: bool) -> Path:
+    """The GGUF the quantized files are made from (cached): ``convert_hf_to_gguf.py --outtype f32`` of the text
+    model (through write_gguf_view), or ``--outtype bf16`` when every text weight is bfloat16 and no f32 row is
+    asked for.
 
     bfloat16 -> float32 is exact, and llama_model_quantize turns every source tensor into float32 before
-    quantizing it, so a q8_0 / q4_0 made from the bf16 GGUF is byte for byte the one made from the f32 GGUF; the
-    bf16 file is half the size (15 GB instead of 30 GB at 7B). ``text_dir`` may be a callable that writes the text
-    checkpoint on demand (nothing is written when the GGUF is cached)."""
+    quantizing it, so a q8_0 / q4_0 made from the bf16 GGUF is byte for byte the one made from the f32 GGUF
+    (checked on a tiny model); the bf16 file is half the size (15 GB instead of 30 GB at 7B)."""
     f32, bf16 = work / "llamacpp-f32.gguf", work / "llamacpp-bf16.gguf"
     if f32.is_file():
         return f32
     if bf16.is_file() and not need_f32:
         return bf16
-    text = text_dir() if callable(text_dir) else text_dir
-    outtype = gguf_outtype(text, need_f32)
-    numel = sum(e["numel"] for e in checkpoint_tensors(text))
+    outtype = gguf_outtype(model_dir, need_f32)
+    numel = sum(e["numel"] for e in checkpoint_tensors(model_dir) if e["text_name"] is not None)
     require_disk(work, numel * (2 if outtype == "bf16" else 4), f"the {outtype} GGUF")
+    view = write_gguf_view(model_dir, work / "gguf-view" / "text")  # "text": the GGUF's general.name, as before
     out = work / f"llamacpp-{outtype}.gguf"
     tmp = out.with_name(out.name + ".tmp")
-    command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(text), "--outfile", str(tmp)]
+    command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(view), "--outfile", str(tmp)]
     command += ["--outtype", outtype]
     stats = _run_logged(command, work / "logs" / f"llamacpp-{outtype}.log", f"convert_hf_to_gguf.py ({outtype})")
     record_conversion(work, f"convert_hf_to_gguf.py --outtype {outtype}", stats)
@@ -546,11 +573,11 @@ def llama_quantize(source: Path, work: Path, precision: str, threads: int) -> Pa
     return out
 
 
-def convert_llama(text_dir: Path | Callable[[], Path], work: Path, precision: str, src: Path, threads: int) -> Path:
+def convert_llama(model_dir: Path, work: Path, precision: str, src: Path, threads: int) -> Path:
     """GGUF file of one precision (cached): f32 from convert_hf_to_gguf.py, others quantized from the source."""
     if precision != "fp32" and llama_quantized(work, precision).is_file():
         return llama_quantized(work, precision)
-    source = llama_source(text_dir, work, src, need_f32=precision == "fp32")
+    source = llama_source(model_dir, work, src, need_f32=precision == "fp32")
     return source if precision == "fp32" else llama_quantize(source, work, precision, threads)
 
 
@@ -1033,8 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
         "--prune",
         action="store_true",
         help="delete the text checkpoint and llama.cpp's source GGUF from --work once nothing asked for needs them "
-        "(the text checkpoint before quantizing: at 7B it, the bf16 GGUF and q4_0 are 34 GB together); a later run "
-        "that needs them writes them again",
+        "(at 7B they and q4_0 are 34 GB together; pruned, ~18 GB at a time); a later run that needs them writes "
+        "them again",
     )
     parser.add_argument("--json", type=Path, help="write the full report (all runs) to this file")
     parser.add_argument("--show", action="store_true", help="print the table of an existing --json report; run nothing")
@@ -1127,13 +1154,13 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if f"ortgenai/{precision}" in too_big:
             continue
         targets[f"ortgenai/{precision}"] = (convert_genai(text, work, precision, args.genai_python), precision)
+    if args.prune:  # the reference and onnxruntime-genai are done with it; llama.cpp reads model_dir's files
+        prune(text_dir)
     if "llamacpp" in peers:
         src = llama_cpp_source(work, args.llama_cpp_src)
         gguf = None
         if any(p == "fp32" or not llama_quantized(work, p).is_file() for p in precisions):
-            gguf = llama_source(text, work, src, need_f32="fp32" in precisions)
-        if args.prune:  # before quantizing: at 7B the text checkpoint, the bf16 GGUF and q4_0 do not fit together
-            prune(text_dir)
+            gguf = llama_source(model_dir, work, src, need_f32="fp32" in precisions)
         for precision in precisions:
             if precision == "fp32":
                 assert gguf is not None
@@ -1145,8 +1172,6 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             targets[f"llamacpp/{precision}"] = (path, LLAMA_TYPES[precision])
         if args.prune and gguf is not None and "fp32" not in precisions:
             prune(gguf)
-    if args.prune:
-        prune(text_dir)
 
     for label, folder in ours.items():
         source = json.loads((folder / "manifest.json").read_text()).get("source_model")
