@@ -128,6 +128,94 @@ def test_text_checkpoint_matches_the_vl_text_model(bench_peers, tmp_path, reques
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
+def test_text_checkpoint_keeps_dtypes_in_bounded_shards(bench_peers, tiny_qwen2_5_vl_dir, tmp_path):
+    """A bfloat16 checkpoint's text part stays bfloat16 (a 7B: 15 GB, not 30 GB of float32) and is written shard by
+    shard with transformers' index, every tensor equal to the source's and in its own dtype (float32 norms stay
+    float32); llama.cpp's source GGUF is then bf16 unless an f32 row needs f32."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bf16"
+    src.mkdir()
+    for item in tiny_qwen2_5_vl_dir.iterdir():
+        if item.suffix != ".safetensors" and item.is_file():
+            (src / item.name).write_bytes(item.read_bytes())
+    source = {}
+    for path in sorted(tiny_qwen2_5_vl_dir.glob("*.safetensors")):  # the fixture's files, matrices in bfloat16
+        tensors = {k: v.to(torch.bfloat16) if v.ndim == 2 else v for k, v in load_file(path).items()}
+        save_file(tensors, str(src / path.name), metadata={"format": "pt"})
+        source.update(tensors)
+    expected = {bench_peers.text_tensor_name(k): v for k, v in source.items() if bench_peers.text_tensor_name(k)}
+    limit = 50_000  # bytes: a few layer tensors per shard; the embedding (too big for any) stands alone
+    out = bench_peers.write_text_checkpoint(src, tmp_path / "text", max_shard_bytes=limit)
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 4 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (out / "model.safetensors").exists() and not (tmp_path / "text.tmp").exists()
+    written = {}
+    for name in files:
+        shard = load_file(out / name)
+        assert all(index["weight_map"][k] == name for k in shard)
+        assert len(shard) == 1 or sum(t.numel() * t.element_size() for t in shard.values()) <= limit
+        written.update(shard)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+    assert {t.dtype for t in written.values()} == {torch.bfloat16, torch.float32}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # mixed: no single dtype
+    assert bench_peers.gguf_outtype(out, need_f32=False) == "f32"  # float32 norms: f32 keeps them exact
+
+    all_bf16 = {k: v.to(torch.bfloat16) for k, v in expected.items()}
+    save_file(all_bf16, str(tmp_path / "b.safetensors"))
+    (tmp_path / "b.safetensors").rename(out / "model-00001-of-00001.safetensors")
+    for name in files:
+        (out / name).unlink()
+    assert bench_peers.gguf_outtype(out, need_f32=False) == "bf16"
+    assert bench_peers.gguf_outtype(out, need_f32=True) == "f32"
+
+
+def test_gguf_view_links_the_checkpoint_files_under_the_text_config(bench_peers, tiny_qwen2_5_vl_v5_dir, tmp_path):
+    """llama.cpp's converter reads the VL checkpoint's own files through the view (no second copy of the weights)
+    under the text checkpoint's config; it drops the vision tensors itself (the GGUF equals the one converted from
+    the written text checkpoint: checked by hand, the converter is not installed in CI)."""
+    view = bench_peers.write_gguf_view(tiny_qwen2_5_vl_v5_dir, tmp_path / "view" / "text")
+    files = sorted(p.name for p in tiny_qwen2_5_vl_v5_dir.glob("*.safetensors*"))
+    assert sorted(p.name for p in view.glob("*.safetensors*")) == files
+    for name in files:
+        assert (view / name).is_symlink() and (view / name).resolve() == (tiny_qwen2_5_vl_v5_dir / name).resolve()
+    text = bench_peers.write_text_checkpoint(tiny_qwen2_5_vl_v5_dir, tmp_path / "text")
+    assert json.loads((view / "config.json").read_text()) == json.loads((text / "config.json").read_text())
+    assert (view / "tokenizer.json").read_bytes() == (text / "tokenizer.json").read_bytes()
+
+
+def test_plan_shards(bench_peers):
+    assert bench_peers.plan_shards([3, 3, 3, 9, 1, 1], max_bytes=6) == [[0, 1], [2], [3], [4, 5]]
+    assert bench_peers.plan_shards([1, 2], max_bytes=10) == [[0, 1]]
+    assert bench_peers.plan_shards([], max_bytes=10) == []
+
+
+def test_what_does_not_fit_in_memory_is_skipped_with_a_reason(bench_peers):
+    """At 7B (bfloat16, 8.3e9 weights of which 7.6e9 text) on 22 GiB: the reference falls back to bfloat16 and
+    onnxruntime-genai's int4 builder is skipped; at 0.5B float32 everything runs as before."""
+    gib = 2**30
+    big = [
+        {"text_name": "model.x", "dtype": "BF16", "numel": 7_600_000_000, "nbytes": 15_200_000_000},
+        {"text_name": None, "dtype": "BF16", "numel": 670_000_000, "nbytes": 1_340_000_000},
+    ]
+    dtype, note = bench_peers.reference_dtype(big, 22 * gib)
+    assert dtype == "bfloat16" and "float32 needs ~30.8 GiB, 22.0 GiB available" in note
+    dtype, note = bench_peers.reference_dtype(big, 12 * gib)
+    assert dtype is None and note.startswith("skipping the transformers reference")
+    reason = bench_peers.genai_memory_reason(big, "int4", 22 * gib)
+    assert reason.startswith("skipping ortgenai/int4: ") and "~42.5 GiB" in reason and "\n" not in reason
+    small = [{"text_name": "model.x", "dtype": "F32", "numel": 500_000_000, "nbytes": 2_000_000_000}]
+    assert bench_peers.reference_dtype(small, 22 * gib) == ("float32", None)
+    assert bench_peers.genai_memory_reason(small, "int4", 22 * gib) is None
+    assert bench_peers.reference_dtype(big, None) == ("float32", None)  # unknown memory: as before
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
 def test_child_peak_memory_excludes_the_parents(bench_peers):
     """A benchmark child reports its own peak, not its parent's: Linux carries the parent's ru_maxrss across

@@ -17,8 +17,9 @@ onnxruntime-genai 0.18 uses the installed onnxruntime >= 1.31). The peers run on
 the text part of the Qwen2.5-VL (Qwen3-VL) checkpoint is first written as a plain ``Qwen2ForCausalLM``
 (``Qwen3ForCausalLM``) checkpoint
 (config from the text config, ``model.language_model.*`` / ``model.*`` tensors as ``model.*``, tied
-embeddings kept tied; the vision tower is dropped) and each peer converts that same checkpoint with its
-own tools:
+embeddings kept tied; the vision tower is dropped; every tensor in the checkpoint's own dtype, written one
+<= 2 GB shard at a time, so a bfloat16 7B takes 15 GB of disk and about one shard of memory) and each peer
+converts that same checkpoint with its own tools:
 
   ortgenai   ``python -m onnxruntime_genai.models.builder -i TEXT -o OUT -p fp32|int8|int4 -e cpu`` with
              ``block_size=32 accuracy_level=4`` (as ``vlm-export --quantize``) and the builder's symmetric
@@ -26,7 +27,21 @@ own tools:
              its GatherBlockQuantized is fed the float lm_head)
   llamacpp   ``convert_hf_to_gguf.py TEXT --outtype f32`` from llama-cpp-python's source package (fetched
              with ``pip download --no-binary`` for the installed version unless --llama-cpp-src is given),
-             then ``llama_model_quantize`` to q8_0 (int8) and q4_0 (int4) with llama.cpp's defaults
+             then ``llama_model_quantize`` to q8_0 (int8) and q4_0 (int4) with llama.cpp's defaults; a
+             bfloat16 checkpoint without an fp32 row converts ``--outtype bf16`` instead (half the size; the
+             quantized files are the same, bf16 -> f32 being exact). TEXT here is the text checkpoint's
+             config and tokenizer next to links to the VL checkpoint's own files (the converter drops the
+             vision tower itself): the same tensors without a second 15 GB copy at 7B
+
+What cannot run in this machine's memory is skipped with a one-line reason, kept in the report: onnxruntime-genai's
+int4/int8 builder holds the whole float32 graph before quantizing (~45 GB for a 7B), and transformers' reference
+falls back from float32 to the checkpoint's bfloat16 (or is skipped) when float32 does not fit. At 7B:
+
+    python tools/bench_peers.py q7b --work q7b-peers --peers llamacpp --precisions int4 --ours int4=q7b-int4 \
+        --new-tokens 64 --rounds 2 --prune --json peers7b.json
+
+(--prune deletes the 15 GB text checkpoint once the reference has run, before the 15 GB bf16 GGUF is written,
+and the bf16 GGUF once q4_0 is made: ~18 GB of disk at a time instead of ~34 GB.)
 
 With ``--ours fp32=DIR,int4=DIR`` our runtime runs too, on vlm-export folders of the same checkpoint, as rows
 ``ours/fp32`` and ``ours/int4`` fed the same prompt ids and measured by the same code, in the same interleaved
@@ -45,13 +60,15 @@ max_length, which masks EOS); median of --repeats timed runs after one warm-up):
                  first token). onnxruntime-genai batches the same prompt 4 times (batch_size=4);
                  llama.cpp decodes 4 sequences (seq_id 0..3) in one llama_batch per step.
   prefill        prompt tokens / time to the first token (the prompt's forward pass + one argmax), batch 1.
+  TTFT           that time to the first token, batch 1.
   peak RSS       peak resident memory of the child (VmHWM, model load included; see bench.peak_rss_mib).
   cores busy     process CPU time / wall time of each timed run: clearly below --threads means another process
                  took the cores during that run (the machine was shared), so treat that figure as a floor.
 
 Sanity check: a transformers child generates --check-tokens greedy tokens on the same prompt ids with the
 text-only checkpoint written here and with the original VL checkpoint (they must agree), and
-keeps the text checkpoint's next-token logits after the prompt. The table reports how many of the first
+keeps the text checkpoint's next-token logits after the prompt (in float32; in bfloat16 when float32 does not fit,
+which the report says; cached in --work for the same prompt). The table reports how many of the first
 --check-tokens greedy tokens of each peer agree with it, and the peer's next-token logits against it (max |diff|
 over the reference's std, and how many of the top-10 ids they share). fp32 must agree (it proves the conversion
 used the same weights; llama.cpp's f16 KV cache leaves ~1e-3); random-weight models repeat one token for long
@@ -67,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import importlib.util
 import json
 import os
@@ -129,8 +147,9 @@ class PeerError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- pure logic
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json of the text-only causal LM for a VL config.json (hub layout or transformers 5 layout).
+def text_config(config: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """config.json of the text-only causal LM for a VL config.json (hub layout or transformers 5 layout), whose
+    weights are stored in ``dtype``.
 
     Text-only prompts give every M-RoPE section the same position, so the text model is the plain 1-D RoPE
     decoder with the same theta.
@@ -153,8 +172,8 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
             "sliding_window": None,
             "max_window_layers": int(text.get("max_window_layers", text["num_hidden_layers"])),
             "use_cache": True,
-            "torch_dtype": "float32",
-            "dtype": "float32",
+            "torch_dtype": dtype,
+            "dtype": dtype,
         }
     )
     return out
@@ -226,64 +245,235 @@ def step_rate(times: list[float], batch: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- conversion
-def _run_logged(command: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> None:
-    """Run a converter with its output in ``log``; a failure is one line naming the log."""
+def _run_logged(command: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run a converter with its output in ``log``; a failure is one line naming the log.
+
+    Returns its wall time and peak RSS (VmHWM of the running process, sampled every 0.5 s: the memory map exec made
+    fresh, so nothing this parent held counts; growth in its last half second can be missed)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  {what} ...", flush=True)
     start = time.perf_counter()
+    peak_kib = 0
     with log.open("w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), "")
+                peak_kib = max(peak_kib, int(line.split()[1])) if line else peak_kib
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(0.5)
+    if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise PeerError(f"{what} failed ({tail[0][:200]}); full output in {log}")
-    print(f"  {what} done in {time.perf_counter() - start:.0f} s", flush=True)
+    wall = time.perf_counter() - start
+    peak = f", peak RSS {peak_kib / 2**20:.2f} GiB" if peak_kib else ""
+    print(f"  {what} done in {wall:.0f} s{peak}", flush=True)
+    return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024 if peak_kib else None}
 
 
-def write_text_checkpoint(model_dir: Path, out: Path) -> Path:
-    """The text part of model_dir as a plain causal-LM checkpoint (fp32 safetensors + tokenizer files)."""
+def record_conversion(work: Path, name: str, stats: dict[str, float]) -> None:
+    """Keep a converter's wall time and peak RSS in --work/conversions.json (the report shows them on reruns)."""
+    path = work / "conversions.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    done[name] = stats
+    path.write_text(json.dumps(done, indent=2))
+
+
+def mem_available() -> int | None:
+    """Bytes of memory available to a new process (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+#: headroom over a model's weights for what a loader holds besides them (activations, allocator, interpreter)
+MEMORY_MARGIN = 1.15
+
+
+def genai_memory_reason(entries: list[dict[str, Any]], precision: str, available: int | None) -> str | None:
+    """Why onnxruntime-genai 0.18's model builder cannot convert this checkpoint in the memory here, or None.
+
+    Its builder loads the model with ``AutoModelForCausalLM.from_pretrained`` and no dtype (transformers 5: the
+    checkpoint's own dtype) and, for ``-p int4|int8 -e cpu``, builds a float32 graph (``default_io_dtype``) that
+    ``to_nbits`` turns whole into one ModelProto (``ir.to_proto``) before MatMulNBitsQuantizer quantizes it: the
+    torch model plus every text weight in float32 at once (~45 GB for a 7B)."""
+    if available is None:
+        return None
+    text = [e for e in entries if e["text_name"] is not None]
+    need = sum(e["nbytes"] for e in text) + (4 * sum(e["numel"] for e in text) if precision != "fp32" else 0)
+    if need * MEMORY_MARGIN <= available:
+        return None
+    return (
+        f"skipping ortgenai/{precision}: onnxruntime-genai's model builder would hold ~{_gib(need)} (the torch "
+        f"model{' + the whole float32 ONNX model before quantizing' if precision != 'fp32' else ''}), "
+        f"{_gib(available)} available"
+    )
+
+
+def reference_dtype(entries: list[dict[str, Any]], available: int | None) -> tuple[str | None, str | None]:
+    """The dtype transformers' reference loads the VL checkpoint in, and a one-line note when it is not float32.
+
+    float32 when it fits (the reference of the 0.5B tables), else the checkpoint's own dtype (a bfloat16 7B fits in
+    ~16.5 GB where float32 needs 33 GB; its logits then carry bfloat16 rounding too), else None: no reference."""
+    numel = sum(e["numel"] for e in entries)
+    if available is None or 4 * numel * MEMORY_MARGIN <= available:
+        return "float32", None
+    dtypes = {e["dtype"] for e in entries}
+    own = SAFETENSORS_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
+    need = sum(e["nbytes"] for e in entries)
+    why = f"float32 needs ~{_gib(4 * numel)}, {_gib(available)} available"
+    if own in ("bfloat16", "float16") and need * MEMORY_MARGIN <= available:
+        return own, f"reference: transformers in {own}, the checkpoint's dtype ({why})"
+    return None, f"skipping the transformers reference (greedy tokens and logits columns): {why}"
+
+
+#: safetensors dtype names -> config.json dtype names
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+#: the largest shard write_text_checkpoint writes (a single larger tensor gets a shard of its own)
+MAX_SHARD_BYTES = 2 * 10**9
+
+
+def checkpoint_tensors(model_dir: Path) -> list[dict[str, Any]]:
+    """Every tensor of a safetensors checkpoint from the files' headers alone (nothing loaded): file, name, text
+    name (None for the vision tower), safetensors dtype, element count and bytes."""
+    from safetensors import safe_open
+
+    entries = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                part = f.get_slice(name)
+                numel = int(np.prod(part.get_shape(), dtype=np.int64))
+                dtype = part.get_dtype()
+                size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+                entries.append(
+                    {"file": path, "name": name, "text_name": text_tensor_name(name), "dtype": dtype}
+                    | {"numel": numel, "nbytes": numel * size}
+                )
+    if not entries:
+        raise PeerError(f"no *.safetensors weights in {model_dir}")
+    return entries
+
+
+def require_disk(folder: Path, size: int, what: str) -> None:
+    """A one-line error, before writing, when ``folder``'s disk has not ``size`` bytes free (nothing half-written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < size * 1.02 + 2**28:
+        raise PeerError(f"{what} needs ~{_gib(size)} of disk, {folder} has {_gib(free)} free: make room or use --prune")
+
+
+def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Indices of ``sizes`` grouped in order into shards of at most ``max_bytes`` (a larger item stands alone)."""
+    shards: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if not shards or (total + size > max_bytes and shards[-1]):
+            shards.append([])
+            total = 0
+        shards[-1].append(index)
+        total += size
+    return shards
+
+
+def write_text_checkpoint(model_dir: Path, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """The text part of model_dir as a plain causal-LM checkpoint (safetensors + tokenizer files).
+
+    Every tensor keeps the checkpoint's own dtype (bfloat16 stays bfloat16: a 7B model is 15 GB, not 30 GB in
+    float32), and the shards are written one at a time with a ``model.safetensors.index.json`` as transformers
+    writes them, so memory holds about one shard (<= max_shard_bytes) rather than the whole model."""
     if (out / "config.json").is_file():
         return out
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    config = json.loads((model_dir / "config.json").read_text())
+    entries = [e for e in checkpoint_tensors(model_dir) if e["text_name"] is not None]
+    if not entries:
+        raise PeerError(f"no text weights in the *.safetensors of {model_dir}")
+    require_disk(out.parent, sum(e["nbytes"] for e in entries), "the text checkpoint")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     print(f"  writing the text part of {model_dir} to {out} ...", flush=True)
-    tensors: dict[str, Any] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                new = text_tensor_name(name)
-                if new is not None:
-                    tensors[new] = f.get_tensor(name).to(torch.float32).contiguous()
-    if not tensors:
-        raise PeerError(f"no *.safetensors weights in {model_dir}")
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(text_config(config), indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, tmp / name)
-    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    shards = plan_shards([e["nbytes"] for e in entries], max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    for number, shard in enumerate(shards, 1):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors: dict[str, Any] = {}
+        for source in dict.fromkeys(entries[i]["file"] for i in shard):
+            with safe_open(str(source), framework="pt") as f:
+                for i in shard:
+                    if entries[i]["file"] == source:
+                        tensors[entries[i]["text_name"]] = f.get_tensor(entries[i]["name"]).contiguous()
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(e["nbytes"] for e in entries)}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_text_files(model_dir, tmp, entries)
     tmp.rename(out)
     return out
 
 
-def convert_genai(text_dir: Path, work: Path, precision: str, python: str) -> Path:
-    """onnxruntime-genai model builder output for one precision (cached)."""
+def write_text_files(model_dir: Path, folder: Path, entries: list[dict[str, Any]]) -> None:
+    """The text-only model's config (dtype: the text weights' one dtype, else float32), tokenizer and generation
+    config in ``folder``."""
+    config = json.loads((model_dir / "config.json").read_text())
+    dtypes = {e["dtype"] for e in entries if e["text_name"] is not None}
+    dtype = SAFETENSORS_DTYPES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
+    (folder / "config.json").write_text(json.dumps(text_config(config, dtype), indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, folder / name)
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def write_gguf_view(model_dir: Path, out: Path) -> Path:
+    """A folder convert_hf_to_gguf.py converts the text model from without a second copy of the weights (15 GB at
+    7B): write_text_checkpoint's config and tokenizer files next to links to model_dir's own safetensors files and
+    index. The converter drops the vision tower itself (``TextModel.filter_tensors`` skips ``visual.`` tensors)
+    and strips ``language_model.``, so it reads exactly the text checkpoint's tensors (checked on a tiny model:
+    the same GGUF tensors, byte for byte)."""
+    entries = checkpoint_tensors(model_dir)
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in [*model_dir.glob("*.safetensors"), *model_dir.glob("*.safetensors.index.json")]:
+        (tmp / path.name).symlink_to(path.resolve())
+    write_text_files(model_dir, tmp, entries)
+    tmp.rename(out)
+    return out
+
+
+def convert_genai(text_dir: Path | Callable[[], Path], work: Path, precision: str, python: str) -> Path:
+    """onnxruntime-genai model builder output for one precision (cached; ``text_dir`` as in llama_source)."""
     out = work / f"ortgenai-{precision}"
     if (out / "genai_config.json").is_file():
         return out
+    text_dir = text_dir() if callable(text_dir) else text_dir
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(text_dir), "-o", str(tmp)]
     command += ["-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")]
     if precision != "fp32":
         command += ["--extra_options", "block_size=32", "accuracy_level=4"]
-    _run_logged(command, work / "logs" / f"ortgenai-{precision}.log", f"onnxruntime-genai builder ({precision})")
+    what = f"onnxruntime-genai builder ({precision})"
+    record_conversion(work, what, _run_logged(command, work / "logs" / f"ortgenai-{precision}.log", what))
     tmp.rename(out)
     return out
 
@@ -322,30 +512,73 @@ def llama_cpp_source(work: Path, given: Path | None) -> Path:
     return src
 
 
-def convert_llama(text_dir: Path, work: Path, precision: str, src: Path, threads: int) -> Path:
-    """GGUF file of one precision (cached): f32 from convert_hf_to_gguf.py, others quantized from it."""
-    out = work / f"llamacpp-{LLAMA_TYPES[precision]}.gguf"
+def gguf_outtype(model_dir: Path, need_f32: bool) -> str:
+    """``convert_hf_to_gguf.py --outtype`` for the source GGUF: bf16 when every text weight is bfloat16 and no f32
+    row needs the f32 file (see llama_source), else f32."""
+    dtypes = {e["dtype"] for e in checkpoint_tensors(model_dir) if e["text_name"] is not None}
+    return "bf16" if dtypes == {"BF16"} and not need_f32 else "f32"
+
+
+def llama_source(model_dir: Path, work: Path, src: Path, need_f32: bool) -> Path:
+    """The GGUF the quantized files are made from (cached): ``convert_hf_to_gguf.py --outtype f32`` of the text
+    model (through write_gguf_view), or ``--outtype bf16`` when every text weight is bfloat16 and no f32 row is
+    asked for.
+
+    bfloat16 -> float32 is exact, and llama_model_quantize turns every source tensor into float32 before
+    quantizing it, so a q8_0 / q4_0 made from the bf16 GGUF is byte for byte the one made from the f32 GGUF
+    (checked on a tiny model); the bf16 file is half the size (15 GB instead of 30 GB at 7B)."""
+    f32, bf16 = work / "llamacpp-f32.gguf", work / "llamacpp-bf16.gguf"
+    if f32.is_file():
+        return f32
+    if bf16.is_file() and not need_f32:
+        return bf16
+    outtype = gguf_outtype(model_dir, need_f32)
+    numel = sum(e["numel"] for e in checkpoint_tensors(model_dir) if e["text_name"] is not None)
+    require_disk(work, numel * (2 if outtype == "bf16" else 4), f"the {outtype} GGUF")
+    view = write_gguf_view(model_dir, work / "gguf-view" / "text")  # "text": the GGUF's general.name, as before
+    out = work / f"llamacpp-{outtype}.gguf"
+    tmp = out.with_name(out.name + ".tmp")
+    command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(view), "--outfile", str(tmp)]
+    command += ["--outtype", outtype]
+    stats = _run_logged(command, work / "logs" / f"llamacpp-{outtype}.log", f"convert_hf_to_gguf.py ({outtype})")
+    record_conversion(work, f"convert_hf_to_gguf.py --outtype {outtype}", stats)
+    tmp.rename(out)
+    return out
+
+
+def llama_quantized(work: Path, precision: str) -> Path:
+    """Where the GGUF of one quantized precision is cached."""
+    return work / f"llamacpp-{LLAMA_TYPES[precision]}.gguf"
+
+
+def llama_quantize(source: Path, work: Path, precision: str, threads: int) -> Path:
+    """``llama_model_quantize`` of the source GGUF to q8_0 (int8) or q4_0 (int4), llama.cpp's defaults (cached)."""
+    out = llama_quantized(work, precision)
     if out.is_file():
         return out
-    f32 = work / "llamacpp-f32.gguf"
-    if not f32.is_file():
-        tmp = f32.with_name(f32.name + ".tmp")
-        command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(text_dir), "--outfile", str(tmp)]
-        command += ["--outtype", "f32"]
-        _run_logged(command, work / "logs" / "llamacpp-f32.log", "convert_hf_to_gguf.py (f32)")
-        tmp.rename(f32)
-    if precision == "fp32":
-        return f32
+    bits = {"q8_0": 8.5, "q4_0": 4.5}[LLAMA_TYPES[precision]] / (16 if source.name.endswith("-bf16.gguf") else 32)
+    # x2: llama.cpp keeps more bits in the output (and a small model's embedding) than in the blocks
+    require_disk(work, int(source.stat().st_size * min(1.0, 2 * bits)), f"the {out.name} file")
     tmp = out.with_name(out.name + ".tmp")
     code = (
         "import ctypes, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
         "p.ftype = getattr(llama_cpp, 'LLAMA_FTYPE_MOSTLY_' + sys.argv[3].upper()); p.nthread = int(sys.argv[4]); "
         "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
     )
-    command = [sys.executable, "-c", code, str(f32), str(tmp), LLAMA_TYPES[precision], str(threads)]
-    _run_logged(command, work / "logs" / f"llamacpp-{LLAMA_TYPES[precision]}.log", f"llama_model_quantize ({out.name})")
+    command = [sys.executable, "-c", code, str(source), str(tmp), LLAMA_TYPES[precision], str(threads)]
+    what = f"llama_model_quantize ({source.name} -> {out.name})"
+    stats = _run_logged(command, work / "logs" / f"llamacpp-{LLAMA_TYPES[precision]}.log", what)
+    record_conversion(work, f"llama_model_quantize {LLAMA_TYPES[precision]}", stats)
     tmp.rename(out)
     return out
+
+
+def convert_llama(model_dir: Path, work: Path, precision: str, src: Path, threads: int) -> Path:
+    """GGUF file of one precision (cached): f32 from convert_hf_to_gguf.py, others quantized from the source."""
+    if precision != "fp32" and llama_quantized(work, precision).is_file():
+        return llama_quantized(work, precision)
+    source = llama_source(model_dir, work, src, need_f32=precision == "fp32")
+    return source if precision == "fp32" else llama_quantize(source, work, precision, threads)
 
 
 # ----------------------------------------------------------------------------------------------- children
@@ -384,7 +617,7 @@ def measure(generate: Callable[[int, int], Run], prompt_len: int, args: argparse
     batches = [1, 4] if args.batch4 else [1]
     for batch in batches:
         generate(batch, args.new_tokens)  # warm-up
-        rates, prefill, busy, tokens = [], [], [], []
+        rates, prefill, ttft, busy, tokens = [], [], [], [], []
         for _ in range(args.repeats):
             wall, cpu = time.perf_counter(), cpu_seconds()
             start, times, tokens = generate(batch, args.new_tokens)
@@ -392,9 +625,11 @@ def measure(generate: Callable[[int, int], Run], prompt_len: int, args: argparse
             assert len(times) == args.new_tokens, f"{len(times)} tokens, not {args.new_tokens}"
             rates.append(step_rate(times, batch))
             prefill.append(prompt_len * batch / (times[0] - start))
+            ttft.append(times[0] - start)
         result[f"decode_b{batch}_tok_s"] = {"median": statistics.median(rates), "runs": rates, "cores_busy": busy}
         if batch == 1:
             result["prefill_tok_s"] = {"median": statistics.median(prefill), "runs": prefill, "cores_busy": busy}
+            result["ttft_s"] = {"median": statistics.median(ttft), "runs": ttft, "cores_busy": busy}
             result["decode_tokens"] = [int(t) for t in tokens]
     return result
 
@@ -539,7 +774,8 @@ def child_ours(folder: Path, prompt: list[int], args: argparse.Namespace) -> dic
 
 
 def child_reference(text_dir: Path, model_dir: Path, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """transformers greedy tokens on the prompt ids: the text-only checkpoint and the original VL checkpoint."""
+    """transformers greedy tokens on the prompt ids: the text-only checkpoint and the original VL checkpoint, in
+    ``args.dtype`` (float32 unless it does not fit: see reference_dtype)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -547,10 +783,11 @@ def child_reference(text_dir: Path, model_dir: Path, prompt: list[int], args: ar
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    result: dict[str, Any] = {}
+    dtype_name = getattr(args, "dtype", None) or "float32"
+    result: dict[str, Any] = {"dtype": dtype_name, "prompt_ids": list(prompt), "check_tokens": args.check_tokens}
     ids = torch.tensor([prompt])
     for key, folder, cls in (("text", text_dir, AutoModelForCausalLM), ("vl", model_dir, AutoModelForImageTextToText)):
-        model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+        model = cls.from_pretrained(folder, dtype=getattr(torch, dtype_name)).eval()
         config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
         config.update(do_sample=False, repetition_penalty=1.0, eos_token_id=None, top_k=None, top_p=None)
         config.update(temperature=None, pad_token_id=0)
@@ -565,6 +802,7 @@ def child_reference(text_dir: Path, model_dir: Path, prompt: list[int], args: ar
                 save_logits(args, model(input_ids=ids).logits[0, -1].float().numpy())
         del model
     result["transformers_version"] = transformers.__version__
+    result["peak_rss_mib"] = _peak_rss_mib()
     return result
 
 
@@ -611,7 +849,9 @@ def wait_until_idle(limit_s: float, threshold: float = 0.9) -> float:
     return idle
 
 
-def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag: str, python: str) -> dict[str, Any]:
+def run_child(
+    kind: str, target: Path, args: argparse.Namespace, work: Path, tag: str, python: str, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """One measurement in a fresh interpreter; its JSON result plus the load average around it."""
     out = work / "results" / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -619,7 +859,7 @@ def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag
     command = [python, __file__, str(args.model_dir), "--child", kind, "--target", str(target)]
     command += ["--inputs", str(work / "inputs.json"), "--child-out", str(out), "--threads", str(args.threads)]
     command += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
-    command += ["--check-tokens", str(args.check_tokens)] + ([] if args.batch4 else ["--no-batch4"])
+    command += ["--check-tokens", str(args.check_tokens)] + ([] if args.batch4 else ["--no-batch4"]) + list(extra)
     idle = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
     print(f"running {tag} ...", flush=True)
     start, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -632,6 +872,29 @@ def run_child(kind: str, target: Path, args: argparse.Namespace, work: Path, tag
     if idle is not None:
         result["idle_before"] = idle
     return result
+
+
+def cached_reference(work: Path, prompt: list[int], check_tokens: int) -> dict[str, Any] | None:
+    """The reference an earlier run left in --work for the same prompt ids and token count, else None (at 7B it
+    costs two model loads: reruns that only measure skip it, and need no text checkpoint for it)."""
+    path, logits = work / "results" / "reference.json", work / "results" / "reference.logits.npy"
+    if not (path.is_file() and logits.is_file()):
+        return None
+    reference = json.loads(path.read_text())
+    if reference.get("prompt_ids") != list(prompt) or reference.get("check_tokens") != check_tokens:
+        return None
+    return reference
+
+
+def prune(path: Path) -> None:
+    """Delete an intermediate file or folder of --work that nothing asked for needs any more (--prune)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.is_file():
+        path.unlink()
+    else:
+        return
+    print(f"  --prune: deleted {path}", flush=True)
 
 
 def prompt_ids(model_dir: Path, work: Path, prompt_tokens: int) -> dict[str, Any]:
@@ -683,15 +946,19 @@ def print_report(report: dict[str, Any]) -> None:
     reference = report.get("reference", {})
     if reference:
         same = leading_agreement(reference["text_tokens"], reference["vl_tokens"])
+        dtype = reference.get("dtype", "float32")
         print(
-            f"reference (transformers {reference['transformers_version']}): text-only checkpoint vs VL "
+            f"reference (transformers {reference['transformers_version']}, {dtype}): text-only checkpoint vs VL "
             f"checkpoint greedy tokens agree for {same} of {len(reference['vl_tokens'])}"
         )
+        if reference.get("dtype_note"):
+            print(f"  {reference['dtype_note']}")
         print("logits: each peer's next-token logits after the prompt vs the text-only checkpoint's (max |diff| / std)")
-    header = f"{'peer':<10}{'precision':<11}{'decode b1':>11}{'decode b4':>11}{'prefill':>10}{'peak RSS':>10}"
-    header += f"{'cores busy':>12}{'tokens = ref':>14}{'logits |d|':>12}{'top-10':>8}"
+    header = f"{'peer':<10}{'precision':<11}{'decode b1':>11}{'decode b4':>11}{'prefill':>10}{'TTFT':>8}"
+    header += f"{'peak RSS':>10}{'cores busy':>12}{'tokens = ref':>14}{'logits |d|':>12}{'top-10':>8}"
     print(header)
-    units = f"{'':<21}{'tok/s':>11}{'tok/s':>11}{'tok/s':>10}{'MiB':>10}{'(of ' + str(report['threads']) + ')':>12}"
+    units = f"{'':<21}{'tok/s':>11}{'tok/s':>11}{'tok/s':>10}{'s':>8}{'MiB':>10}"
+    units += f"{'(of ' + str(report['threads']) + ')':>12}"
     print(units + f"{'':>14}{'/ spread':>12}{'shared':>8}")
     for key, entry in report["results"].items():
         peer, precision = key.split("/")
@@ -704,6 +971,8 @@ def print_report(report: dict[str, Any]) -> None:
         if reference.get("text_tokens"):
             ref = reference["text_tokens"]
             agree = f"{leading_agreement(entry['decode_tokens'][: len(ref)], ref)}/{len(ref)}"
+        ttft = _median(entry.get("ttft_s"))
+        cells.append(f"{ttft:>8.2f}" if ttft is not None else f"{'n/a':>8}")
         label = entry.get("label", precision)
         line = f"{peer:<10}{label:<11}" + "".join(cells) + f"{entry['peak_rss_mib']:>10.0f}"
         line += f"{statistics.mean(busy):>12.2f}" if busy else f"{'-':>12}"
@@ -718,6 +987,9 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  warning: load average {before:.1f} / {after:.1f} around this run: the cores were shared")
     for line in report.get("skipped", []):
         print(line)
+    for what, stats in report.get("conversions", {}).items():
+        peak = f", peak RSS {stats['peak_rss_mib']:.0f} MiB" if stats.get("peak_rss_mib") else ""
+        print(f"conversion: {what} {stats['wall_s']:.0f} s{peak}")
     lines = ratios(report)
     if lines:
         print("\nours / theirs at the same precision (higher is better for ours; peak RSS lower is better):")
@@ -784,12 +1056,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine; default 0: do not wait)",
     )
     parser.add_argument("--convert-only", action="store_true", help="convert (into --work) and stop; measure nothing")
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete the text checkpoint and llama.cpp's source GGUF from --work once nothing asked for needs them "
+        "(at 7B they and q4_0 are 34 GB together; pruned, ~18 GB at a time); a later run that needs them writes "
+        "them again",
+    )
     parser.add_argument("--json", type=Path, help="write the full report (all runs) to this file")
     parser.add_argument("--show", action="store_true", help="print the table of an existing --json report; run nothing")
     parser.add_argument("--child", choices=("ortgenai", "llamacpp", "ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # the reference child's
     args = parser.parse_args(argv)
     try:
         return _main(parser, args)
@@ -831,32 +1111,67 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise PeerError(
                 f"{module} is not installed: the conversion needs the export extra (pip install -e .[export])"
             )
+    entries = checkpoint_tensors(model_dir)
+    memory = mem_available()
+    too_big = {  # what does not fit here is said first: installing the package would not help
+        f"ortgenai/{precision}": reason
+        for precision in (precisions if "ortgenai" in peers else [])
+        if not (work / f"ortgenai-{precision}" / "genai_config.json").is_file()
+        and (reason := genai_memory_reason(entries, precision, memory))
+    }
+    skipped = list(too_big.values())
+    if "ortgenai" in peers and len(too_big) == len(precisions):
+        peers.remove("ortgenai")
     reasons = {peer: available(peer, args.genai_python) for peer in peers}
-    skipped = [reason for reason in reasons.values() if reason]
+    skipped += [reason for reason in reasons.values() if reason]
     for line in skipped:
         print(line, flush=True)
     peers = [p for p in peers if reasons[p] is None]
     if not peers and not ours:
-        raise PeerError("no peer to run: install one of them (see the lines above)")
+        raise PeerError("no peer to run: install one of them or make room (see the lines above)")
     work.mkdir(parents=True, exist_ok=True)
     inputs = prompt_ids(model_dir, work, args.prompt_tokens)
     (work / "inputs.json").write_text(json.dumps(inputs))
 
+    text_dir = work / "text"
+    text = functools.partial(write_text_checkpoint, model_dir, text_dir)  # written on first use, then cached
+    reference = cached_reference(work, inputs["prompt_ids"], args.check_tokens) if args.check_tokens > 0 else None
+    if args.check_tokens > 0 and reference is None:
+        dtype, note = reference_dtype(entries, memory)
+        if note:
+            print(note, flush=True)
+        if dtype is None:
+            skipped.append(note)
+        else:  # before the conversions: with --prune the text checkpoint goes once they are done
+            print("reference (transformers) ...", flush=True)
+            reference = run_child("reference", text(), args, work, "reference", sys.executable, ("--dtype", dtype))
+            reference["dtype_note"] = note
+            (work / "results" / "reference.json").write_text(json.dumps(reference, indent=2))  # for cached_reference
+
     print("converting (cached in --work) ...", flush=True)
-    text_dir = write_text_checkpoint(model_dir, work / "text-fp32")
     targets: dict[str, tuple[Path, str]] = {}
-    src = llama_cpp_source(work, args.llama_cpp_src) if "llamacpp" in peers else None
-    for peer in peers:
+    for precision in precisions if "ortgenai" in peers else []:
+        if f"ortgenai/{precision}" in too_big:
+            continue
+        targets[f"ortgenai/{precision}"] = (convert_genai(text, work, precision, args.genai_python), precision)
+    if args.prune:  # the reference and onnxruntime-genai are done with it; llama.cpp reads model_dir's files
+        prune(text_dir)
+    if "llamacpp" in peers:
+        src = llama_cpp_source(work, args.llama_cpp_src)
+        gguf = None
+        if any(p == "fp32" or not llama_quantized(work, p).is_file() for p in precisions):
+            gguf = llama_source(model_dir, work, src, need_f32="fp32" in precisions)
         for precision in precisions:
-            if peer == "ortgenai":
-                targets[f"{peer}/{precision}"] = (
-                    convert_genai(text_dir, work, precision, args.genai_python),
-                    precision,
-                )
+            if precision == "fp32":
+                assert gguf is not None
+                path = gguf
+            elif gguf is not None:
+                path = llama_quantize(gguf, work, precision, args.threads)
             else:
-                assert src is not None
-                path = convert_llama(text_dir, work, precision, src, args.threads)
-                targets[f"{peer}/{precision}"] = (path, LLAMA_TYPES[precision])
+                path = llama_quantized(work, precision)  # cached
+            targets[f"llamacpp/{precision}"] = (path, LLAMA_TYPES[precision])
+        if args.prune and gguf is not None and "fp32" not in precisions:
+            prune(gguf)
 
     for label, folder in ours.items():
         source = json.loads((folder / "manifest.json").read_text()).get("source_model")
@@ -882,8 +1197,13 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     }
     if args.update and args.json and args.json.is_file():
         report = previous_report(args.json, report)
-    if args.check_tokens > 0 and "reference" not in report:
-        report["reference"] = run_child("reference", text_dir, args, work, "reference", sys.executable)
+    conversions = work / "conversions.json"
+    if conversions.is_file():
+        report["conversions"] = json.loads(conversions.read_text())
+    if reference is not None:
+        report["reference"] = reference
+    elif args.check_tokens > 0:
+        report.pop("reference", None)  # --update: an older reference no longer applies
     from bench import merge_rounds
 
     rounds: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
@@ -895,7 +1215,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             rounds[key].append(run_child(peer, path, args, work, tag, python))
             result = merge_rounds(rounds[key])
             reference_logits = work / "results" / "reference.logits.npy"
-            if reference_logits.is_file():
+            if report.get("reference") and reference_logits.is_file():
                 logits = np.load(work / "results" / f"{tag}.logits.npy")
                 result["logits_vs_reference"] = compare_logits(logits, np.load(reference_logits))
             result.update(label=label, model=str(path), batch4=args.batch4)

@@ -176,9 +176,8 @@ def start_llama(args: argparse.Namespace, port: int) -> Server | None:
         return None
     import bench_peers
 
-    text_dir = bench_peers.write_text_checkpoint(args.checkpoint, args.work / "text")
     src = bench_peers.llama_cpp_source(args.work, args.llama_cpp_src)
-    gguf = bench_peers.convert_llama(text_dir, args.work, "fp32", src, args.threads)
+    gguf = bench_peers.convert_llama(args.checkpoint, args.work, "fp32", src, args.threads)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     # interrupt_requests defaults to True: a new request would cut the one being answered (0 tokens for the others)
