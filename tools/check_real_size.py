@@ -64,20 +64,12 @@ def run_transformers(model_dir: str, tokens: int, dtype: str, size: int, logits_
     from transformers import AutoConfig
 
     from vlm_export.graphs.registry import graph_family_for
-    from vlm_export.testing.reference import vl_processor
+    from vlm_export.testing.reference import processor_class_for, vl_processor
 
     start = time.perf_counter()
     config = AutoConfig.from_pretrained(model_dir)
     family = graph_family_for(config.model_type)
-    processor_class = {
-        "qwen2_5_vl": "Qwen2_5_VLProcessor",
-        "qwen3_vl": "Qwen3VLProcessor",
-        "qwen3_vl_moe": "Qwen3VLProcessor",
-        "llava_onevision": "LlavaOnevisionProcessor",
-    }[config.model_type]
-    import transformers
-
-    processor = vl_processor(model_dir, getattr(transformers, processor_class))
+    processor = vl_processor(model_dir, processor_class_for(config.model_type))
     model = family.load_model(Path(model_dir), getattr(torch, dtype))
     load_s = time.perf_counter() - start
     messages = conversation(size)

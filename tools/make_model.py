@@ -110,36 +110,30 @@ QWEN2_5_VL_7B_TEXT: dict[str, Any] = {
 }
 
 
-def _qwen2_5_vl(vision: dict[str, Any], text: dict[str, Any], description: str) -> Preset:
+def _qwen2_5_vl(
+    vision: dict[str, Any], text: dict[str, Any], description: str, *, tied: bool = True, streamed: bool = False
+) -> Preset:
     return Preset(
         family="qwen2_5_vl",
         description=description,
-        overrides={"vision_config": vision, "text_config": text, "tie_word_embeddings": True},
+        overrides={"vision_config": vision, "text_config": text, "tie_word_embeddings": tied},
         builder_kwargs=dict(QWEN2_5_VL_PIXELS),
+        streamed=streamed,
     )
 
 
 PRESETS: dict[str, Preset] = {
-    "qwen2_5_vl-3b": Preset(
-        family="qwen2_5_vl",
-        description="Qwen2.5-VL-3B-Instruct geometry, bfloat16",
-        overrides={
-            "vision_config": {**QWEN2_5_VL_VISION_FULL, "out_hidden_size": 2048},
-            "text_config": QWEN2_5_VL_3B_TEXT,
-            "tie_word_embeddings": True,
-        },
-        builder_kwargs=dict(QWEN2_5_VL_PIXELS),
+    "qwen2_5_vl-3b": _qwen2_5_vl(
+        {**QWEN2_5_VL_VISION_FULL, "out_hidden_size": 2048},
+        QWEN2_5_VL_3B_TEXT,
+        "Qwen2.5-VL-3B-Instruct geometry, bfloat16",
         streamed=True,
     ),
-    "qwen2_5_vl-7b": Preset(
-        family="qwen2_5_vl",
-        description="Qwen2.5-VL-7B-Instruct geometry, bfloat16",
-        overrides={
-            "vision_config": {**QWEN2_5_VL_VISION_FULL, "out_hidden_size": 3584},
-            "text_config": QWEN2_5_VL_7B_TEXT,
-            "tie_word_embeddings": False,
-        },
-        builder_kwargs=dict(QWEN2_5_VL_PIXELS),
+    "qwen2_5_vl-7b": _qwen2_5_vl(
+        {**QWEN2_5_VL_VISION_FULL, "out_hidden_size": 3584},
+        QWEN2_5_VL_7B_TEXT,
+        "Qwen2.5-VL-7B-Instruct geometry, bfloat16",
+        tied=False,
         streamed=True,
     ),
     "qwen2_5_vl-0.5b": _qwen2_5_vl(

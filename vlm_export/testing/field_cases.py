@@ -18,13 +18,6 @@ import numpy as np
 
 CASES_FILE = "cases.json"
 MAX_NEW_TOKENS = 10
-#: transformers classes per family: (model class, processor class)
-FAMILY_CLASSES = {
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
-    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor"),
-    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
-}
 
 
 def _user(*parts: str) -> list[dict[str, Any]]:
@@ -70,14 +63,13 @@ def _write_media(folder: Path) -> None:
 def transformers_tokens(model_dir: Path, family: str, conversations: list[Any]) -> list[list[int]]:
     """transformers' greedy tokens for a batch (left padding), each row cut after its first EOS."""
     import torch
-    import transformers
     from PIL import Image
 
-    from vlm_export.testing.reference import vl_processor
+    from vlm_export.graphs.registry import graph_family_for
+    from vlm_export.testing.reference import processor_class_for, vl_processor
 
-    model_name, processor_name = FAMILY_CLASSES[family]
-    model = getattr(transformers, model_name).from_pretrained(model_dir).eval()
-    processor = vl_processor(model_dir, getattr(transformers, processor_name))
+    model = graph_family_for(family).model_class.from_pretrained(model_dir).eval()
+    processor = vl_processor(model_dir, processor_class_for(family))
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     images = [[Image.open(p["path"]) for m in c for p in m["content"] if p["type"] == "image"] for c in conversations]
     inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")

@@ -6,6 +6,14 @@ from pathlib import Path
 from typing import Any
 
 
+def processor_class_for(model_type: str) -> Any:
+    """transformers' processor class for `model_type`, from its own auto mapping."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    return getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+
+
 def vl_processor(
     model_dir: str | Path, processor_class: Any, padding_side: str = "left", video_processor: Any = None
 ) -> Any:

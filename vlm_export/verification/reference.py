@@ -195,9 +195,8 @@ def _processor(model_dir: Path, model_type: str) -> Any:
     """transformers' processor class for `model_type` with its PIL image processor (what the runtime reproduces)
     and its video processor when torchvision is there."""
     import transformers
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    from vlm_export.testing.reference import vl_processor
+    from vlm_export.testing.reference import processor_class_for, vl_processor
 
     video_processor, error = None, None
     try:
@@ -206,9 +205,7 @@ def _processor(model_dir: Path, model_type: str) -> Any:
             video_processor.cap_pixels_per_frame = False  # its default (None) warns, then behaves as False
     except (ImportError, ValueError, OSError, TypeError) as exc:  # its video processors are torchvision classes
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    processor = vl_processor(
-        model_dir, getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type]), video_processor=video_processor
-    )
+    processor = vl_processor(model_dir, processor_class_for(model_type), video_processor=video_processor)
     processor._vlm_video_error = error
     return processor
 
